@@ -1,0 +1,18 @@
+"""clip_jax: train and evaluate CLIP in JAX/Flax, from one chip to a pod."""
+from clip_jax.models import CLIP, CLIPConfig, MODEL_CONFIGS, create_model, get_model_config
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # Lazy imports keep `import clip_jax` light (no PIL/ftfy/orbax unless used).
+  if name == "tokenize":
+    from clip_jax.tokenizer import tokenize
+    return tokenize
+  if name == "preprocess":
+    from clip_jax.preprocess import preprocess
+    return preprocess
+  if name == "load":
+    from clip_jax.inference import load
+    return load
+  raise AttributeError(f"module 'clip_jax' has no attribute {name!r}")

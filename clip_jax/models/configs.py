@@ -1,0 +1,124 @@
+"""Model configurations: the exact OpenAI CLIP sizes plus a tiny variant for tests.
+
+A `CLIPConfig` is a frozen dataclass, so it can be hashed (jit static args), written
+beside a checkpoint as JSON (`to_dict`) and read back (`from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: int = 224
+  patch_size: int = 32
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_ratio: float = 4.0
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size ** 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  context_length: int = 77
+  vocab_size: int = 49408
+  width: int = 512
+  layers: int = 12
+  heads: int = 8
+  mlp_ratio: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Architecture and numerics of a CLIP model.
+
+  `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters.
+  LayerNorm, attention softmax and logits are always computed in float32.
+  """
+  embed_dim: int = 512
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  act: str = "quick_gelu"                  # "quick_gelu" (OpenAI weights) or "gelu" (exact erf)
+  ln_eps: float = 1e-5
+  logit_scale_init: float = 2.659260036932778  # ln(1 / 0.07)
+  logit_bias_init: Optional[float] = None  # a float adds a learnable bias (SigLIP)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"               # see clip_jax.models.layers.REMAT_POLICIES
+  attention_impl: str = "xla"              # "xla" (einsum, f32 softmax) or "cudnn" (fused, GPU)
+  name: str = "custom"
+
+  def replace(self, **kwargs) -> "CLIPConfig":
+    """Returns a copy; `vision`/`text` may be given as dicts of fields to change."""
+    for tower, cls in (("vision", VisionConfig), ("text", TextConfig)):
+      if isinstance(kwargs.get(tower), dict):
+        kwargs[tower] = dataclasses.replace(getattr(self, tower), **kwargs[tower])
+    return dataclasses.replace(self, **kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown CLIPConfig field(s) {unknown}; known: {sorted(known)}")
+    d["vision"] = VisionConfig(**d.get("vision", {}))
+    d["text"] = TextConfig(**d.get("text", {}))
+    return cls(**d)
+
+
+MODEL_CONFIGS: dict[str, CLIPConfig] = {
+    "vitb32": CLIPConfig(
+        name="vitb32", embed_dim=512,
+        vision=VisionConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12),
+        text=TextConfig(width=512, layers=12, heads=8)),
+    "vitb16": CLIPConfig(
+        name="vitb16", embed_dim=512,
+        vision=VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12),
+        text=TextConfig(width=512, layers=12, heads=8)),
+    "vitl14": CLIPConfig(
+        name="vitl14", embed_dim=768,
+        vision=VisionConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16),
+        text=TextConfig(width=768, layers=12, heads=12)),
+    "vitl14_336": CLIPConfig(
+        name="vitl14_336", embed_dim=768,
+        vision=VisionConfig(image_size=336, patch_size=14, width=1024, layers=24, heads=16),
+        text=TextConfig(width=768, layers=12, heads=12)),
+    # Small enough for CPU tests and the demo; same structure as the real ones.
+    "tiny": CLIPConfig(
+        name="tiny", embed_dim=64,
+        vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
+        text=TextConfig(width=64, layers=2, heads=4)),
+}
+
+
+def get_model_config(name_or_config: "str | CLIPConfig | dict", **overrides) -> CLIPConfig:
+  """Looks up a variant by name (or passes a config through) and applies overrides."""
+  if isinstance(name_or_config, CLIPConfig):
+    config = name_or_config
+  elif isinstance(name_or_config, dict):
+    config = CLIPConfig.from_dict(name_or_config)
+  elif isinstance(name_or_config, str):
+    if name_or_config not in MODEL_CONFIGS:
+      raise ValueError(
+          f"unknown model {name_or_config!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    config = MODEL_CONFIGS[name_or_config]
+  else:
+    raise TypeError(f"expected a model name, CLIPConfig or dict, got {type(name_or_config)}")
+  return config.replace(**overrides) if overrides else config

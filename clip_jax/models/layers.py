@@ -1,0 +1,225 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
+activations carry logical constraints, so `clip_jax.sharding` can map them onto any mesh
+by rules. Names used here:
+
+  batch, seq, embed, heads, kv (head dim), qkv (the 3 of a fused projection), mlp,
+  norm (LayerNorm params), layers (the scanned axis), vocab, pos, proj,
+  patch_h, patch_w, channels.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Dtype = Any
+
+# Rematerialisation policies for the residual blocks (`CLIPConfig.remat_policy`).
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    "none": None,                                  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,     # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def quick_gelu(x):
+  """OpenAI's sigmoid approximation of GELU."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def get_activation(name: str) -> Callable:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def normal(stddev: float):
+  return nn.initializers.normal(stddev=stddev)
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 whatever the compute dtype; output in `dtype`."""
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (features,), self.param_dtype,
+                            ("norm",))
+    bias = param_with_axes(self, "bias", nn.initializers.zeros, (features,), self.param_dtype,
+                           ("norm",))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused QKV projection (OpenAI's in_proj layout)."""
+  heads: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  qkv_std: float = 0.02
+  out_std: float = 0.02
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.heads:
+      raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+    head_dim = width // self.heads
+    qkv = nn.DenseGeneral(
+        features=(3, self.heads, head_dim), axis=-1, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(normal(self.qkv_std),
+                                                 ("embed", "qkv", "heads", "kv")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("qkv", "heads", "kv")),
+        name="qkv")(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "seq", "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "seq", "heads", "kv"))
+    if self.impl == "cudnn":
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="cudnn")
+    elif self.impl == "xla":
+      out = dot_product_attention(q, k, v, causal=self.causal)
+    else:
+      raise ValueError(f"unknown attention_impl {self.impl!r}; known: xla, cudnn")
+    out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
+    out = nn.DenseGeneral(
+        features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(normal(self.out_std), ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="out")(out)
+    return checkpoint_name(out, "attn_out")
+
+
+def dot_product_attention(q, k, v, causal: bool):
+  """softmax(q k^T / sqrt(d)) v with float32 logits and softmax. q, k, v: [B, T, H, D]."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if causal:
+    t = q.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class MLP(nn.Module):
+  hidden: int
+  act: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  fc_std: float = 0.02
+  proj_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(normal(self.fc_std), ("embed", "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                 name="c_fc")(x)
+    h = get_activation(self.act)(h)
+    h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
+    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.with_logical_partitioning(normal(self.proj_std), ("mlp", "embed")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                    name="c_proj")(h)
+
+
+class ResidualBlock(nn.Module):
+  """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)). Scan-compatible (carry, _) signature."""
+  heads: int
+  mlp_ratio: float = 4.0
+  causal: bool = False
+  act: str = "quick_gelu"
+  ln_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  layers: int = 12
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    width = x.shape[-1]
+    # OpenAI's initialisation of the text transformer, used for both towers.
+    attn_std = width ** -0.5
+    proj_std = width ** -0.5 * (2 * self.layers) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+    y = LayerNorm(self.ln_eps, self.dtype, self.param_dtype, name="ln_1")(x)
+    y = Attention(self.heads, self.causal, self.dtype, self.param_dtype, attn_std, proj_std,
+                  self.attention_impl, name="attn")(y)
+    x = x + y
+    y = LayerNorm(self.ln_eps, self.dtype, self.param_dtype, name="ln_2")(x)
+    y = MLP(int(width * self.mlp_ratio), self.act, self.dtype, self.param_dtype, fc_std, proj_std,
+            name="mlp")(y)
+    x = x + y
+    x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+    return x, None
+
+
+class Transformer(nn.Module):
+  """A stack of residual blocks, scanned (params stacked on a leading 'layers' axis) or not.
+
+  Scanned params live under `resblocks`; unscanned under `resblocks_0` ... `resblocks_{L-1}`.
+  `clip_jax.models.params.scan_params` / `unscan_params` convert between the two.
+  """
+  layers: int
+  heads: int
+  mlp_ratio: float = 4.0
+  causal: bool = False
+  act: str = "quick_gelu"
+  ln_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+    block_cls = ResidualBlock
+    if self.remat_policy != "none":
+      block_cls = nn.remat(ResidualBlock, policy=REMAT_POLICIES[self.remat_policy],
+                           prevent_cse=not self.scan_layers)
+    kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, causal=self.causal, act=self.act,
+                  ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                  layers=self.layers, attention_impl=self.attention_impl)
+    if self.scan_layers:
+      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(**kwargs, name="resblocks")(x, None)
+    else:
+      for i in range(self.layers):
+        x, _ = block_cls(**kwargs, name=f"resblocks_{i}")(x, None)
+    return x

@@ -1,0 +1,75 @@
+"""Shared defaults of every clip_jax run. Variant configs start from `get_config()` here.
+
+Field names other tools rely on: batch_size (global), total_steps (or epochs), seed, mesh,
+loss, loss_impl, accum_steps, dtype, data.source, data.path, log_every, checkpoint_every,
+eval_every, init_from.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "vitb32"                 # a name of clip_jax.models.MODEL_CONFIGS
+  c.image_size = config_dict.placeholder(int)  # None: the model's own resolution
+  c.act = config_dict.placeholder(str)         # None: the model's own (quick_gelu)
+  c.dtype = "float32"                # compute dtype: float32 | bfloat16
+  c.param_dtype = "float32"          # parameters and optimizer state
+  c.scan_layers = True
+  c.remat_policy = "none"            # none | full | dots | dots_no_batch | save_attn_out
+  c.attention_impl = "xla"           # xla | cudnn
+
+  c.seed = 0
+  c.batch_size = 256                 # global batch, over all hosts and devices
+  c.total_steps = config_dict.placeholder(int)  # or derive from epochs * num_train_examples
+  c.epochs = config_dict.placeholder(float)
+  c.num_train_examples = config_dict.placeholder(int)
+
+  # Device mesh: axis -> size, -1 fills the remaining devices. dcn_mesh: across slices.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.dcn_mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+  c.logical_axis_rules = config_dict.placeholder(tuple)  # None: clip_jax.sharding defaults
+
+  c.loss = "softmax"                 # softmax (CLIP) | sigmoid (SigLIP)
+  c.loss_impl = "global"             # global | chunked
+  c.loss_chunk_size = 0              # chunked on one device: columns per block (0: auto)
+  c.accum_steps = 1                  # >1: exact GradCache accumulation
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 5e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-6
+  c.optimizer.weight_decay = 0.2
+  c.optimizer.grad_clip_norm = 0.0   # 0: no clipping
+  c.optimizer.schedule = "cosine"    # cosine | linear | constant | rsqrt
+  c.optimizer.warmup_steps = 2000
+  c.optimizer.cooldown_steps = 0     # rsqrt: linear cooldown at the end
+  c.optimizer.end_lr_factor = 0.0    # final lr = learning_rate * end_lr_factor
+  c.optimizer.image_lr_mult = 1.0
+  c.optimizer.text_lr_mult = 1.0
+  c.optimizer.freeze = ""            # "" | image | text  (LiT: freeze the image tower)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"        # synthetic | tfds | wds
+  c.data.path = ""                   # wds shard pattern, e.g. shards/{00000..00127}.tar
+  c.data.name = ""                   # tfds dataset name
+  c.data.split = "train"
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.num_workers = 0             # grain worker processes per host (0: in-process)
+  c.data.shuffle_buffer = 10_000
+  c.data.resample_shards = False     # wds: endless stream, shards drawn with replacement
+  c.data.min_scale = 0.9             # RandomResizedCrop scale range
+  c.data.max_scale = 1.0
+  c.data.image_dtype = "float32"     # float32 | bfloat16
+
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3             # keep the last K ...
+  c.keep_every = 0                   # ... and every M-th step (0: none)
+  c.eval_every = 1000
+  c.evals = ml_collections.ConfigDict()  # name -> evaluator config (see clip_jax.evaluate)
+  c.init_from = ""                   # a converted or trained checkpoint dir
+  c.init_towers = "both"             # both | image | text
+  c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "name": ""})
+  return c

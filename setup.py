@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="clip_jax",
+    version="0.1.0",
+    description="Train and evaluate CLIP in JAX/Flax, from one chip to a pod.",
+    packages=find_packages(include=["clip_jax", "clip_jax.*"]),
+    package_data={"clip_jax": ["assets/*", "assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "grain>=0.2.10",
+        "tensorflow-datasets>=4.9.8",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "ftfy",
+        "regex",
+        "tensorboardX",
+        "tqdm",
+    ],
+    extras_require={
+        # PyTorch is only for converting weights and for parity tests, never for training.
+        "convert": ["torch==2.13.0", "safetensors"],
+        "test": [
+            "pytest", "pytest-timeout", "torch==2.13.0", "transformers", "safetensors",
+            "nbclient", "nbformat", "ipykernel", "matplotlib", "tensorboard",
+        ],
+    },
+)
