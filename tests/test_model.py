@@ -1,0 +1,160 @@
+"""The model's shapes, sizes, FLOPs and numerical options (parity with PyTorch: test_parity.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax.models import (CLIPConfig, MODEL_CONFIGS, abstract_params, count_params, create_model,
+                             forward_flops_per_pair, get_model_config, init_params,
+                             interpolate_pos_embed, scan_params, unscan_params)
+from clip_jax.models.layers import dot_product_attention, quick_gelu
+
+# OpenAI's published parameter counts (sum of numel over the state dict, logit_scale included).
+PARAM_COUNTS = {"vitb32": 151_277_313, "vitb16": 149_620_737, "vitl14": 427_616_513,
+                "vitl14_336": 427_944_193}
+# Published forward GFLOPs per image-text pair (open_clip's model profile).
+GFLOPS = {"vitb32": 14.78, "vitb16": 41.09, "vitl14": 175.33, "vitl14_336": 395.22}
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_param_counts_match_openai(name):
+  assert count_params(abstract_params(create_model(name))) == PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(GFLOPS))
+def test_flops_match_published(name):
+  assert forward_flops_per_pair(name) / 1e9 == pytest.approx(GFLOPS[name], rel=0.01)
+
+
+def test_every_param_has_logical_axes():
+  boxed = abstract_params(create_model("tiny"))
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: hasattr(x, "names"))
+  for leaf in leaves:
+    assert hasattr(leaf, "names"), leaf
+    assert len(leaf.names) == len(leaf.value.shape)
+  scanned = boxed["visual"]["transformer"]["resblocks"]["attn"]["qkv"]["kernel"]
+  assert scanned.names == ("layers", "embed", "qkv", "heads", "kv")
+
+
+def _inputs(cfg, batch=3, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+  tokens = np.zeros((batch, cfg.text.context_length), np.int32)
+  for i in range(batch):
+    n = 3 + 4 * i
+    tokens[i, 0] = 49406
+    tokens[i, 1:n] = rng.integers(1, 49000, n - 1)
+    tokens[i, n] = 49407
+  return jnp.asarray(images), jnp.asarray(tokens)
+
+
+def test_scanned_and_unrolled_layers_agree():
+  model = create_model("tiny")
+  params = init_params(model, jax.random.PRNGKey(0))
+  images, tokens = _inputs(model.config)
+  out = model.apply({"params": params}, images, tokens)
+  unrolled = create_model("tiny", scan_layers=False)
+  out2 = unrolled.apply({"params": unscan_params(params)}, images, tokens)
+  np.testing.assert_allclose(out["image_features"], out2["image_features"], atol=1e-6)
+  np.testing.assert_allclose(out["text_features"], out2["text_features"], atol=1e-6)
+  restacked = scan_params(unscan_params(params))
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, restacked, params))
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "save_attn_out"])
+def test_remat_changes_nothing_numerically(policy):
+  base = create_model("tiny")
+  params = init_params(base, jax.random.PRNGKey(1))
+  images, tokens = _inputs(base.config)
+
+  def grads(model):
+    def loss(p):
+      out = model.apply({"params": p}, images, tokens)
+      return jnp.sum(out["image_features"] @ out["text_features"].T)
+    return jax.grad(loss)(params)
+
+  g0, g1 = grads(base), grads(create_model("tiny", remat_policy=policy))
+  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_features_are_normalised_and_pool_at_eot():
+  model = create_model("tiny")
+  params = init_params(model, jax.random.PRNGKey(2))
+  images, tokens = _inputs(model.config)
+  out = model.apply({"params": params}, images, tokens)
+  np.testing.assert_allclose(jnp.linalg.norm(out["text_features"], axis=-1), 1.0, atol=1e-5)
+  assert out["image_features"].dtype == jnp.float32
+  assert float(out["logit_scale"]) == pytest.approx(np.log(1 / 0.07))
+  # Tokens after the end-of-text token are causally invisible to it: changing them changes nothing.
+  changed = tokens.at[0, -1].set(123)
+  a = model.apply({"params": params}, tokens, method="encode_text")
+  b = model.apply({"params": params}, changed, method="encode_text")
+  np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  model = create_model("tiny", dtype="bfloat16")
+  params = init_params(model, jax.random.PRNGKey(3))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+  images, tokens = _inputs(model.config)
+  out = model.apply({"params": params}, images, tokens)
+  ref = create_model("tiny").apply({"params": params}, images, tokens)
+  assert out["image_features"].dtype == jnp.float32
+  np.testing.assert_allclose(out["image_features"], ref["image_features"], atol=5e-2)
+
+
+def test_sigmoid_head_has_logit_bias():
+  model = create_model("tiny", logit_bias_init=-10.0, logit_scale_init=float(np.log(10)))
+  params = init_params(model, jax.random.PRNGKey(0))
+  assert float(params["logit_bias"]) == -10.0
+
+
+def test_attention_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 5, 3, 4)).astype(np.float32) for _ in range(3))
+  for causal in (False, True):
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+    if causal:
+      logits = np.where(np.tril(np.ones((5, 5), bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    ref = np.einsum("bhqk,bkhd->bqhd", w, v)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, causal), ref, atol=1e-6)
+  x = np.linspace(-4, 4, 9, dtype=np.float32)
+  np.testing.assert_allclose(quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
+
+
+def test_position_embedding_interpolation():
+  cfg = get_model_config("tiny")
+  params = init_params(create_model(cfg), jax.random.PRNGKey(0))
+  bigger = cfg.replace(vision={"image_size": 48})   # 4x4 -> 6x6 patches
+  new = interpolate_pos_embed(params, bigger.vision.grid_size)
+  pos = new["visual"]["positional_embedding"]
+  assert pos.shape == (37, 64)
+  np.testing.assert_array_equal(pos[0], params["visual"]["positional_embedding"][0])
+  images = jnp.zeros((1, 48, 48, 3))
+  feats = create_model(bigger).apply({"params": new}, images, method="encode_image")
+  assert feats.shape == (1, 64) and bool(jnp.all(jnp.isfinite(feats)))
+  # A constant grid stays constant under interpolation.
+  const = dict(params, visual=dict(params["visual"], positional_embedding=jnp.ones((17, 64))))
+  np.testing.assert_allclose(interpolate_pos_embed(const, 6)["visual"]["positional_embedding"], 1.0,
+                             atol=1e-5)
+
+
+def test_bad_inputs_and_names_raise_clear_errors():
+  with pytest.raises(ValueError, match="unknown model 'vitz'"):
+    get_model_config("vitz")
+  model = create_model("tiny")
+  params = init_params(model, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="expects 32x32"):
+    model.apply({"params": params}, jnp.zeros((1, 64, 64, 3)), method="encode_image")
+  with pytest.raises(ValueError, match="unknown remat_policy"):
+    create_model("tiny", remat_policy="bogus").init(jax.random.PRNGKey(0), *_inputs(model.config))
+
+
+def test_config_json_round_trip():
+  for cfg in MODEL_CONFIGS.values():
+    assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
+  with pytest.raises(ValueError, match="unknown CLIPConfig field"):
+    CLIPConfig.from_dict({"embed_dims": 3})
