@@ -72,4 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ""                   # a converted or trained checkpoint dir
   c.init_towers = "both"             # both | image | text
   c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "name": ""})
+
+  # Trainer (clip_jax.train): console and safety knobs.
+  c.progress_bar = True              # tqdm bar on process 0 (a plain line per log when False)
+  c.debug_nan_at_step = 0            # >0: poison that step's batch with NaN (tests the NaN stop)
   return c
