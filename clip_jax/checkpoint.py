@@ -1,0 +1,181 @@
+"""Orbax checkpoints of a run: save (async, kept by policy), resume onto any mesh, init_from.
+
+Layout: WORKDIR/checkpoints/<step>/ with one sub-directory per item:
+  state         the TrainState (params, opt_state, step), each array saved with its sharding
+  data          every process's input-iterator state (JSON)
+  rng           the run's PRNG key data
+  config        the run's ConfigDict (JSON)
+  model_config  the CLIPConfig (JSON), so a checkpoint alone rebuilds the model
+
+Orbax writes a step into a temporary directory and renames it when every item is complete,
+so a crash in the middle of a save leaves no step that looks complete (test_checkpoint.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clip_jax.models import CLIPConfig, abstract_params, create_model
+
+ITEMS = ("state", "data", "rng", "config", "model_config")
+_policies = ocp.checkpoint_managers
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def _shape_tree(abstract_tree, shardings=None):
+  """ShapeDtypeStructs with target shardings (None: restore as host numpy arrays)."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def _allgather_json(obj) -> list:
+  """Every process's JSON-serialisable `obj`, in process order (a host collective)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(gathered, lengths.ravel())]
+
+
+class Checkpointer:
+  """A CheckpointManager over WORKDIR/checkpoints with the run's save and keep policy.
+
+  Args:
+    workdir: the run directory.
+    checkpoint_every: save every this many steps (the trainer also saves at the end and on
+      preemption with `force=True`).
+    keep_checkpoints: keep the latest K steps ...
+    keep_every: ... and every step that is a multiple of this (0: none).
+    async_save: write in a background thread while training goes on.
+  """
+
+  def __init__(self, workdir: str, *, checkpoint_every: int, keep_checkpoints: int,
+               keep_every: int = 0, async_save: bool = True):
+    policies = [_policies.LatestN(n=keep_checkpoints)]
+    if keep_every:
+      policies.append(_policies.EveryNSteps(interval_steps=keep_every))
+    # Every `checkpoint_every` steps, and at the step all hosts agree on when a pod is being
+    # preempted (jax.distributed's preemption sync; never fires in a single process).
+    save_policy = _policies.AnySavePolicy([
+        _policies.FixedIntervalPolicy(checkpoint_every),
+        _policies.PreemptionCheckpointingPolicy()])
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=save_policy,
+        preservation_policy=_policies.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,   # half-written steps of a crashed run
+        create=True)
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the step a multi-host preemption notice was synchronised to."""
+    return self.manager.reached_preemption(step)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, *, data_state: dict, rng: jax.Array, config_json: str,
+           model_config: CLIPConfig, force: bool = False) -> bool:
+    """Starts saving `step` (every process must call it); returns whether a save started."""
+    if not force and not self.manager.should_save(step):
+      return False
+    data_states = _allgather_json(data_state)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({"process_count": len(data_states), "states": data_states}),
+        rng=ocp.args.StandardSave({"key_data": np.asarray(jax.random.key_data(rng))}),
+        config=ocp.args.JsonSave(json.loads(config_json)),
+        model_config=ocp.args.JsonSave(model_config.to_dict()))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state, state_shardings):
+    """Restores `step` onto the target shardings (any mesh, any device count).
+
+    Returns (state, data_state for this process or None, rng).
+    """
+    target = _shape_tree(abstract_state, state_shardings)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=ocp.args.JsonRestore(),
+        rng=ocp.args.StandardRestore()))
+    data = restored.data
+    data_state = None
+    if data["process_count"] == jax.process_count():
+      data_state = data["states"][jax.process_index()]
+    else:
+      logging.warning("checkpoint has input state for %d processes, this run has %d: the input "
+                      "pipeline restarts instead of continuing exactly", data["process_count"],
+                      jax.process_count())
+    rng = jax.random.wrap_key_data(np.asarray(restored.rng["key_data"]))
+    return restored.state, data_state, rng
+
+  def wait(self) -> None:
+    """Blocks until the asynchronous saves in flight are committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _resolve_step(path: str) -> tuple[epath.Path, int]:
+  """(checkpoints dir, step) for a workdir, its checkpoints dir, or one step dir."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise ValueError(f"checkpoint path {path} does not exist")
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if (path / "state").is_dir() and path.name.isdigit():
+    return path.parent, int(path.name)
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_names=ITEMS)
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise ValueError(f"{path} holds no complete checkpoint (expected a run workdir, its "
+                     "checkpoints/ dir, a checkpoints/<step> dir, or a converted model dir)")
+  return path, step
+
+
+def restore_params(path: str) -> tuple[Any, CLIPConfig]:
+  """Parameters and model config of a checkpoint, as host numpy arrays.
+
+  `path`: a converted checkpoint (DIR/model_config.json + DIR/params, see clip_jax.convert),
+  a training workdir (its latest step), its checkpoints/ dir or one checkpoints/<step> dir.
+  The params are unboxed, in the layer layout of the returned config (`scan_layers`).
+  """
+  root = epath.Path(path)
+  if (root / "model_config.json").exists() and (root / "params").is_dir():
+    from clip_jax.inference import load_params  # pylint: disable=g-import-not-at-top
+    return load_params(path)
+  directory, step = _resolve_step(path)
+  step_dir = directory / str(step)
+  model_config = CLIPConfig.from_dict(json.loads((step_dir / "model_config" / "metadata").read_text()))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  shapes = _shape_tree(nn.meta.unbox(abstract_params(create_model(model_config))))
+  item = {"params": shapes}
+  restored = ocp.PyTreeCheckpointer().restore(
+      step_dir / "state",
+      args=ocp.args.PyTreeRestore(item=item,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True))
+  return restored["params"], model_config
