@@ -1,0 +1,360 @@
+"""The grain input pipeline: sources -> per-sample transforms -> batches -> global arrays.
+
+    records of this process (shuffled per epoch)  ->  decode, crop, normalise, tokenize
+    -> drop bad samples (counted)  ->  local batch  ->  worker processes / prefetch thread
+    -> jax.make_array_from_process_local_data(sharding, local batch)
+
+Every sample carries (epoch, index); its augmentation randomness is derived from
+(seed, epoch, index), so restoring the grain iterator state replays the stream exactly.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Iterator, Optional, Sequence
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+
+from clip_jax.data import synthetic
+from clip_jax.data import transforms
+from clip_jax.data import wds
+from clip_jax.models.configs import OPENAI_MEAN, OPENAI_STD
+
+SOURCES = ("synthetic", "tfds", "wds")
+_SKIPPED = "__skipped__"
+_STATE_VERSION = 1
+
+
+def _data_option(config, name: str, default):
+  return config.data.get(name, default) if hasattr(config.data, "get") else default
+
+
+def validate_data_config(config) -> None:
+  """Checks config.data before anything compiles; raises ValueError with one clear line."""
+  data = config.data
+  if data.source not in SOURCES:
+    raise ValueError(f"config.data.source={data.source!r} is not one of {SOURCES}")
+  if not 0.0 < data.min_scale <= data.max_scale <= 1.0:
+    raise ValueError(f"config.data.min_scale={data.min_scale} / max_scale={data.max_scale}: "
+                     f"need 0 < min_scale <= max_scale <= 1")
+  if data.image_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.data.image_dtype={data.image_dtype!r}: use float32 or bfloat16")
+  if data.num_workers < 0:
+    raise ValueError(f"config.data.num_workers={data.num_workers} must be >= 0")
+  if data.source == "wds":
+    wds.validate_shards(data.path)
+  elif data.source == "tfds":
+    from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    tfds_source.validate(data.name, data.split, data.data_dir)
+
+
+# ----------------------------------------------------------------------------- samples
+
+def _skip(key: str, shard: Optional[str], reason: str) -> dict:
+  logging.warning("Skipping sample %s%s: %s", key, f" of shard {shard}" if shard else "", reason)
+  return {_SKIPPED: True}
+
+
+def finish_sample(raw: dict, *, image_size: int, train: bool, scale: Sequence[float],
+                  normalizer: transforms.Normalizer, seed: int, with_labels: bool) -> dict:
+  """Raw record -> {"images", "tokens"[, "labels"]}, or a skip marker for bad input."""
+  key, shard = raw.get("key", "?"), raw.get("shard")
+  if raw.get("error"):
+    return _skip(key, shard, raw["error"])
+  caption = raw.get("caption")
+  if not caption or not caption.strip():
+    return _skip(key, shard, "missing or empty caption")
+  index = raw["index"] if isinstance(raw["index"], tuple) else (raw["index"],)
+  rng = transforms.sample_rng(seed, raw["epoch"], *index)
+  try:
+    image = transforms.crop_and_resize(raw["image"], image_size, train=train, rng=rng, scale=scale)
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...).
+    return _skip(key, shard, f"undecodable image: {type(e).__name__}: {e}")
+  out = {"images": normalizer(image), "tokens": transforms.tokenize_caption(caption)}
+  if with_labels:
+    out["labels"] = np.int32(raw.get("label", -1))
+  return out
+
+
+class RecordSchedule:
+  """Position -> (epoch, record index) for random-access sources, for one process.
+
+  Process p owns records [p*N//P, (p+1)*N//P) and visits them in a new order each epoch
+  (grain's index_shuffle seeded by seed + epoch). Endless unless num_epochs is given.
+  """
+
+  def __init__(self, num_records: int, *, seed: int, process_index: int, process_count: int,
+               shuffle: bool, num_epochs: Optional[int] = None):
+    self._start = process_index * num_records // process_count
+    self._count = (process_index + 1) * num_records // process_count - self._start
+    if self._count == 0:
+      raise ValueError(f"the dataset has {num_records} records, fewer than the "
+                       f"{process_count} processes reading it")
+    self._seed, self._shuffle = seed, shuffle
+    self._len = sys.maxsize if num_epochs is None else num_epochs * self._count
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, position: int) -> tuple[int, int]:
+    epoch, i = divmod(int(position), self._count)
+    if self._shuffle and self._count > 1:
+      i = grain.experimental.index_shuffle(
+          i, max_index=self._count - 1, seed=(self._seed + epoch) % 2**32, rounds=4)
+    return epoch, self._start + i
+
+
+class SyntheticSchedule:
+  """Endless synthetic stream: process p takes sample indices p, p+P, p+2P, ..."""
+
+  def __init__(self, process_index: int, process_count: int, num_examples: Optional[int] = None):
+    self._p, self._count = process_index, process_count
+    self._len = sys.maxsize if num_examples is None else len(
+        range(process_index, num_examples, process_count))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, position: int) -> tuple[int, int]:
+    return 0, int(position) * self._count + self._p
+
+
+class SyntheticLoader:
+  """(epoch, index) -> finished sample from the training (or evaluation) seed stream."""
+
+  def __init__(self, finish, *, seed: int, image_size: int, held_out: bool):
+    self._finish, self._seed, self._size, self._held_out = finish, seed, image_size, held_out
+
+  def __call__(self, element: tuple[int, int]) -> dict:
+    epoch, index = element
+    make = synthetic.eval_sample if self._held_out else synthetic.train_sample
+    raw = make(self._seed, index, self._size)
+    raw.update(key=f"synthetic/{index}", epoch=epoch, index=index)
+    return self._finish(raw)
+
+
+class TfdsLoader:
+  """(epoch, record) -> finished sample; TFDS read/decode errors become skips."""
+
+  def __init__(self, finish, source, *, seed: int):
+    self._finish, self._source, self._seed = finish, source, seed
+
+  def __call__(self, element: tuple[int, int]) -> dict:
+    epoch, index = element
+    # Caption choice (for multi-caption or label datasets) has its own stream per sample.
+    rng = transforms.sample_rng(self._seed + 1, epoch, index)
+    try:
+      raw = self._source.record(index, rng)
+    except Exception as e:  # pylint: disable=broad-except
+      return _skip(f"{self._source.name}/{index}", None, f"unreadable record: {e}")
+    raw.update(epoch=epoch, index=index)
+    return self._finish(raw)
+
+
+# ----------------------------------------------------------------------------- skip counting
+
+class _CountSkipsIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self) -> dict:
+    skipped = 0
+    while True:
+      element = next(self._parent)
+      if _SKIPPED in element:
+        skipped += 1
+        continue
+      element["num_skipped"] = np.int32(skipped)
+      return element
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class CountSkipsIterDataset(grain.IterDataset):
+  """Drops skip markers and adds their number to the next good sample (`num_skipped`).
+
+  The count rides inside the batch, so it survives worker processes and checkpoints.
+  """
+
+  def __iter__(self):
+    return _CountSkipsIterator(self._parent.__iter__())
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
+                  mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
+                  process_index: int = 0, process_count: int = 1,
+                  num_examples: Optional[int] = None) -> grain.IterDataset:
+  """The grain IterDataset of local batches {"images", "tokens", "num_skipped"[, "labels"]}.
+
+  train=True: endless, shuffled, RandomResizedCrop. train=False: one pass (num_examples
+  for the unlimited synthetic source), in order, center crop, last batch kept, labels added.
+  """
+  data = config.data
+  seed = int(config.seed)
+  finish = functools.partial(
+      finish_sample, image_size=image_size, train=train,
+      scale=(float(data.min_scale), float(data.max_scale)),
+      normalizer=transforms.Normalizer(mean, std, data.image_dtype), seed=seed,
+      with_labels=not train)
+  num_threads = int(_data_option(config, "num_threads", 8))
+  if data.source in ("synthetic", "tfds"):
+    if data.source == "synthetic":
+      if not train and num_examples is None:
+        raise ValueError("make_eval_iterator on the synthetic source needs num_examples")
+      schedule = SyntheticSchedule(process_index, process_count, None if train else num_examples)
+      loader = SyntheticLoader(finish, seed=seed, image_size=image_size, held_out=not train)
+    else:
+      from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+      source = tfds_source.TfdsSource(data.name, data.split, data.data_dir)
+      schedule = RecordSchedule(len(source), seed=seed, process_index=process_index,
+                                process_count=process_count, shuffle=train,
+                                num_epochs=None if train else 1)
+      loader = TfdsLoader(finish, source, seed=seed)
+    dataset = grain.MapDataset.source(schedule).map(loader)
+    if not train and num_examples is not None and data.source == "tfds":
+      dataset = dataset[:len(range(process_index, num_examples, process_count))]
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=max(2 * local_batch, 16)))
+  elif data.source == "wds":
+    shards = wds.validate_shards(data.path)
+    schedule = wds.ShardSchedule(shards, seed=seed, process_index=process_index,
+                                 process_count=process_count,
+                                 resample=bool(data.resample_shards) and train,
+                                 num_epochs=None if train else 1)
+    dataset = grain.experimental.InterleaveIterDataset(
+        grain.MapDataset.source(schedule),
+        cycle_length=int(_data_option(config, "cycle_length", 4)))
+    if train and data.shuffle_buffer > 1:
+      dataset = grain.experimental.WindowShuffleIterDataset(
+          dataset, window_size=int(data.shuffle_buffer), seed=seed)
+    dataset = dataset.map(finish)
+  else:
+    raise ValueError(f"config.data.source={data.source!r} is not one of {SOURCES}")
+  dataset = CountSkipsIterDataset(dataset)
+  dataset = dataset.batch(local_batch, drop_remainder=train)
+  if data.num_workers > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data.num_workers), per_worker_buffer_size=2))
+  else:
+    dataset = grain.experimental.ThreadPrefetchIterDataset(
+        dataset, prefetch_buffer_size=int(_data_option(config, "prefetch_batches", 2)))
+  return dataset
+
+
+def _jsonable(tree: Any) -> Any:
+  """grain states hold numpy scalars and tuples; make them plain JSON (what a restore sees)."""
+  def default(x):
+    if isinstance(x, np.generic):
+      return x.item()
+    if isinstance(x, bytes):
+      return x.decode("latin-1")
+    raise TypeError(f"unexpected {type(x)} in the data iterator state")
+  return json.loads(json.dumps(tree, default=default))
+
+
+class DataIterator:
+  """Endless iterator of global batches; its state goes into the checkpoint."""
+
+  def __init__(self, dataset: grain.IterDataset, sharding: Optional[jax.sharding.Sharding]):
+    self._iterator = iter(dataset)
+    self._sharding = sharding
+    self._skipped = 0
+
+  def __iter__(self) -> "DataIterator":
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._iterator)
+    self._skipped += int(np.sum(batch.pop("num_skipped")))
+    if self._sharding is None:
+      return batch
+    return {k: jax.make_array_from_process_local_data(self._sharding, v)
+            for k, v in batch.items()}
+
+  @property
+  def skipped_samples(self) -> int:
+    """Bad samples this process has skipped since the start of the run (restored on resume)."""
+    return self._skipped
+
+  def get_state(self) -> dict:
+    return {"version": _STATE_VERSION, "skipped_samples": self._skipped,
+            "grain": _jsonable(self._iterator.get_state())}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')!r} is not "
+                       f"{_STATE_VERSION}; it was written by another clip_jax version")
+    self._iterator.set_state(state["grain"])
+    self._skipped = int(state["skipped_samples"])
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def _process_args(process_index, process_count):
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+  return process_index, process_count
+
+
+def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, image_size: int,
+                        mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
+                        process_index: Optional[int] = None,
+                        process_count: Optional[int] = None) -> DataIterator:
+  """The training stream of this process, assembled into global arrays on `sharding`.
+
+  Each process reads its own part; its local batch is config.batch_size / process_count.
+  With sharding=None the iterator yields this process's numpy batches instead.
+  """
+  validate_data_config(config)
+  process_index, process_count = _process_args(process_index, process_count)
+  if config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{process_count} processes; use a multiple of {process_count}")
+  dataset = build_dataset(config, image_size=image_size,
+                          local_batch=config.batch_size // process_count, train=True,
+                          mean=mean, std=std, process_index=process_index,
+                          process_count=process_count)
+  return DataIterator(dataset, sharding)
+
+
+def make_eval_iterator(config, *, image_size: int, batch_size: int,
+                       mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
+                       num_examples: Optional[int] = None, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None) -> Iterator[dict]:
+  """One pass over config.data (this process's part), center-cropped, as numpy batches.
+
+  Yields {"images" [b,H,W,3], "tokens" [b,77] int32, "labels" [b] int32 (-1 without labels),
+  "mask" [b] bool}; every batch has batch_size rows, the last one padded (mask False).
+  The synthetic source is read from its held-out seed stream (num_examples of them);
+  for TFDS, num_examples (if given) limits the pass.
+  """
+  validate_data_config(config)
+  process_index, process_count = _process_args(process_index, process_count)
+  dataset = build_dataset(config, image_size=image_size, local_batch=batch_size, train=False,
+                          mean=mean, std=std, process_index=process_index,
+                          process_count=process_count, num_examples=num_examples)
+  for batch in dataset:
+    batch.pop("num_skipped")
+    size = len(batch["tokens"])
+    batch["mask"] = np.arange(batch_size) < size
+    if size < batch_size:
+      batch = {k: v if k == "mask" else np.concatenate(
+          [v, np.zeros((batch_size - size,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    yield batch

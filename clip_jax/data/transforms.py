@@ -1,0 +1,120 @@
+"""Per-sample image and text transforms, run inside the input workers.
+
+Every random choice comes from `sample_rng(seed, epoch, index)`, so a resumed run draws
+exactly the crops it would have drawn without the interruption.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+# A truncated JPEG must fail to decode (and be skipped), not decode half-grey.
+Image.LOAD_TRUNCATED_IMAGES = False
+
+_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The augmentation generator of one sample: a pure function of (seed, epoch, index)."""
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+
+
+def to_pil(image) -> Image.Image:
+  """Decodes encoded bytes (JPEG/PNG/WebP) or wraps a uint8 HWC array, as RGB.
+
+  Raises OSError/ValueError on undecodable or truncated input.
+  """
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    pil = Image.open(io.BytesIO(image))
+    return pil
+  array = np.asarray(image)
+  if array.dtype != np.uint8 or array.ndim not in (2, 3):
+    raise ValueError(f"expected a uint8 HW or HWC image, got {array.dtype} {array.shape}")
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  return Image.fromarray(array)
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: Sequence[float]) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop box: area in `scale`, aspect ratio in [3/4, 4/3]."""
+  area = width * height
+  log_ratio = (math.log(_RATIO_RANGE[0]), math.log(_RATIO_RANGE[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      x0 = int(rng.integers(0, width - w + 1))
+      y0 = int(rng.integers(0, height - h + 1))
+      return x0, y0, x0 + w, y0 + h
+  # Fallback (extreme aspect ratios): the central crop with the ratio clamped.
+  ratio = width / height
+  if ratio < _RATIO_RANGE[0]:
+    w, h = width, int(round(width / _RATIO_RANGE[0]))
+  elif ratio > _RATIO_RANGE[1]:
+    h, w = height, int(round(height * _RATIO_RANGE[1]))
+  else:
+    w, h = width, height
+  x0, y0 = (width - w) // 2, (height - h) // 2
+  return x0, y0, x0 + w, y0 + h
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+  """The central square: resize-shorter-side-then-center-crop as one resize with a box."""
+  side = min(width, height)
+  x0, y0 = (width - side) // 2, (height - side) // 2
+  return x0, y0, x0 + side, y0 + side
+
+
+def crop_and_resize(image, size: int, *, train: bool, rng: Optional[np.random.Generator] = None,
+                    scale: Sequence[float] = (0.9, 1.0)) -> np.ndarray:
+  """Decodes `image`, crops (random for training, central for evaluation), resizes bicubically.
+
+  Returns uint8 [size, size, 3].
+  """
+  pil = to_pil(image)
+  if pil.format == "JPEG":
+    # Let libjpeg decode big images at a reduced scale (still >= size on both sides).
+    pil.draft("RGB", (size, size))
+  if pil.mode != "RGB":
+    pil = pil.convert("RGB")
+  width, height = pil.size
+  if train:
+    box = random_resized_crop_box(width, height, rng, scale)
+  else:
+    box = center_crop_box(width, height)
+  out = pil.resize((size, size), Image.BICUBIC, box=box)
+  return np.asarray(out, dtype=np.uint8)
+
+
+class Normalizer:
+  """uint8 HWC -> (x / 255 - mean) / std as one multiply-add, in float32 or bfloat16."""
+
+  def __init__(self, mean: Sequence[float], std: Sequence[float], dtype: str = "float32"):
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+    self.offset = (-mean / std).astype(np.float32)
+    if dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"config.data.image_dtype={dtype!r} is not supported; use float32 or bfloat16")
+    self.dtype = dtype
+
+  def __call__(self, image_uint8: np.ndarray) -> np.ndarray:
+    out = image_uint8.astype(np.float32) * self.scale + self.offset
+    if self.dtype == "bfloat16":
+      import ml_dtypes  # pylint: disable=g-import-not-at-top
+      out = out.astype(ml_dtypes.bfloat16)
+    return out
+
+
+def tokenize_caption(caption: str, context_length: int = 77) -> np.ndarray:
+  """One caption -> int32 [context_length] with CLIP's BPE (truncated, EOT kept)."""
+  from clip_jax.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+  return np.asarray(tokenize([caption], context_length=context_length, truncate=True)[0],
+                    dtype=np.int32)
