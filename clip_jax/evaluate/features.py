@@ -1,0 +1,152 @@
+"""Image and text features over a device mesh, and the zero-shot evaluation built on them.
+
+Every process holds the same evaluation arrays; each global batch is split over the
+mesh's batch axes (every device of every host computes a slice), the last batch is
+padded to full size and the padding dropped, and the features are gathered back to
+every process. Per-example results therefore do not depend on the number of devices.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clip_jax.models import CLIP, OPENAI_MEAN, OPENAI_STD, l2_normalize
+from clip_jax.evaluate import zeroshot as zs
+
+METHODS = ("encode_image", "encode_text")
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The leading dim split over the mesh's batch axes (those of `clip_jax.sharding.BATCH_AXES` it has)."""
+  from clip_jax.sharding import BATCH_AXES
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f"mesh axes {mesh.axis_names} include no batch axis; expected one of {BATCH_AXES}")
+  return NamedSharding(mesh, P(axes))
+
+
+def num_batch_shards(sharding: NamedSharding) -> int:
+  """How many pieces the leading (batch) dimension is cut into."""
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return int(np.prod([sharding.mesh.shape[a] for a in axes]))
+
+
+@functools.lru_cache(maxsize=32)
+def _encoder(model: CLIP, method: str, normalize: bool, sharding: NamedSharding):
+  mean = np.asarray(OPENAI_MEAN, np.float32)
+  std = np.asarray(OPENAI_STD, np.float32)
+
+  def encode(params, inputs):
+    if method == "encode_image" and inputs.dtype == jnp.uint8:
+      # Raw pixels: scale to [0, 1] and standardise with the OpenAI statistics.
+      inputs = (inputs.astype(jnp.float32) / 255.0 - mean) / std
+    features = model.apply({"params": params}, inputs, method=method)
+    return l2_normalize(features) if normalize else features.astype(jnp.float32)
+
+  return jax.jit(encode, out_shardings=sharding)
+
+
+def _place_params(params, mesh: jax.sharding.Mesh):
+  """Leaves already on the mesh's devices stay put; others are replicated over the mesh."""
+  mesh_devices = set(mesh.devices.flat)
+  replicated = NamedSharding(mesh, P())
+
+  def place(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
+      return x
+    return jax.device_put(x, replicated)
+
+  return jax.tree_util.tree_map(place, nn.meta.unbox(params))
+
+
+def _local_rows(sharding: NamedSharding, global_shape: tuple) -> np.ndarray:
+  """Rows of a global batch that this process feeds (in the order make_array_from_process_local_data expects)."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(global_shape).values():
+    rows.update(range(*index[0].indices(global_shape[0])))
+  return np.asarray(sorted(rows), np.int64)
+
+
+def compute_features(model: CLIP, params, mesh: jax.sharding.Mesh, inputs: np.ndarray,
+                     batch_size: int, method: str = "encode_image",
+                     normalize: bool = True) -> np.ndarray:
+  """Features [N, embed] float32 of images (NHWC float, or uint8 pixels) or tokens [N, 77].
+
+  Args:
+    model: the CLIP module.
+    params: its parameters (plain or boxed; sharded on the mesh or on the host).
+    mesh: the device mesh; batches are split over its batch axes.
+    inputs: the same full array on every process.
+    batch_size: global batch, rounded up to a multiple of the batch shards.
+    method: "encode_image" or "encode_text".
+    normalize: L2-normalise the features.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  inputs = np.asarray(inputs)
+  num = inputs.shape[0]
+  sharding = batch_sharding(mesh)
+  shards = num_batch_shards(sharding)
+  global_batch = -(-batch_size // shards) * shards
+  global_batch = min(global_batch, -(-num // shards) * shards)  # no bigger than the data needs
+  if num == 0:
+    raise ValueError("no inputs to compute features of")
+  encode = _encoder(model, method, normalize, sharding)
+  params = _place_params(params, mesh)
+  global_shape = (global_batch,) + inputs.shape[1:]
+  rows = _local_rows(sharding, global_shape)
+
+  outputs = []
+  for start in range(0, num, global_batch):
+    chunk = inputs[start:start + global_batch]
+    if chunk.shape[0] < global_batch:
+      pad = np.zeros((global_batch - chunk.shape[0],) + inputs.shape[1:], inputs.dtype)
+      chunk = np.concatenate([chunk, pad])
+    batch = jax.make_array_from_process_local_data(sharding, chunk[rows], global_shape)
+    outputs.append(encode(params, batch))  # dispatched asynchronously; gathered below
+  gathered = [np.asarray(multihost_utils.process_allgather(out, tiled=True)) for out in outputs]
+  return np.concatenate(gathered)[:num]
+
+
+def encode_text_fn(model: CLIP, params, mesh: jax.sharding.Mesh, batch_size: int):
+  """tokens -> normalised text features on the mesh (for `zeroshot.build_classifier`)."""
+  return lambda tokens: compute_features(model, params, mesh, tokens, batch_size,
+                                         method="encode_text")
+
+
+def run_zeroshot(model: CLIP, params, mesh: jax.sharding.Mesh, images: np.ndarray,
+                 labels: np.ndarray, classnames: Sequence, templates: Sequence[str],
+                 batch_size: int, *, tokenize_fn=None,
+                 cache: Optional[zs.ClassifierCache] = None, checkpoint_id: str = "",
+                 dataset: str = "") -> dict[str, float]:
+  """Zero-shot top1 / top5 / mean per-class recall of a prompt ensemble, on all devices.
+
+  images: preprocessed float NHWC, or uint8 pixels (normalised with the OpenAI mean/std).
+  With `cache`, the text classifier is reused per (checkpoint_id, dataset, prompts).
+  """
+  labels = np.asarray(labels)
+  if labels.shape[0] != np.shape(images)[0]:
+    raise ValueError(f"{np.shape(images)[0]} images but {labels.shape[0]} labels")
+
+  def build():
+    return zs.build_classifier(encode_text_fn(model, params, mesh, batch_size), classnames,
+                               templates, tokenize_fn=tokenize_fn)
+
+  if cache is not None:
+    classifier = cache.get_or_build(checkpoint_id, dataset, classnames, templates, build)
+  else:
+    classifier = build()
+  image_features = compute_features(model, params, mesh, images, batch_size)
+  return zs.zeroshot_metrics(image_features, classifier, labels)
