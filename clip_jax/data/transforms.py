@@ -18,9 +18,9 @@ Image.LOAD_TRUNCATED_IMAGES = False
 _RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-  """The augmentation generator of one sample: a pure function of (seed, epoch, index)."""
-  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+def sample_rng(seed: int, epoch: int, *index: int) -> np.random.Generator:
+  """The augmentation generator of one sample: a pure function of (seed, epoch, index...)."""
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)] + [int(i) for i in index])
 
 
 def to_pil(image) -> Image.Image:

@@ -62,8 +62,7 @@ def list_shards(path: str) -> list[str]:
       if any(c in expanded for c in "*?["):
         if _is_url(expanded):
           fs = _filesystem(expanded)
-          protocol = expanded.split("://", 1)[0]
-          shards.extend(sorted(f"{protocol}://{p}" for p in fs.glob(expanded)))
+          shards.extend(sorted(fs.unstrip_protocol(p) for p in fs.glob(expanded)))
         else:
           shards.extend(sorted(glob.glob(expanded)))
       else:
