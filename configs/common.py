@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.min_scale = 0.9             # RandomResizedCrop scale range
   c.data.max_scale = 1.0
   c.data.image_dtype = "float32"     # float32 | bfloat16
+  c.data.num_threads = 16            # decode threads per process (synthetic/tfds reads)
+  c.data.cycle_length = 4            # wds: shards interleaved at once per worker
+  c.data.prefetch_batches = 2        # num_workers=0: batches prepared ahead in a thread
 
   c.log_every = 50
   c.checkpoint_every = 1000

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any, Iterator, Optional, Sequence
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -245,6 +246,10 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
   dataset = CountSkipsIterDataset(dataset)
   dataset = dataset.batch(local_batch, drop_remainder=train)
   if data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read its absl flags; outside absl.app (notebooks, tests)
+      # nothing parsed them, so take their defaults.
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data.num_workers), per_worker_buffer_size=2))
   else:
