@@ -43,8 +43,9 @@ def realistic_captions() -> list[str]:
 def long_captions(count=20000, seed=0) -> list[str]:
   imagenet = json.loads(asset_path("imagenet_zeroshot.json").read_text())
   rng = random.Random(seed)
-  return [" ".join(rng.choice(imagenet["templates"]).format(rng.choice(imagenet["classes"])) for _ in range(4))
-          for _ in range(count)]
+  def prompt():
+    return rng.choice(imagenet["templates"]).format(rng.choice(imagenet["classes"]))
+  return [" ".join(prompt() for _ in range(4)) for _ in range(count)]
 
 
 def one_pass(tok, captions, batch):
@@ -85,7 +86,8 @@ def main():
     if not path.exists():
       path.write_text("| date | benchmark | result | command |\n|---|---|---|---|\n")
     with path.open("a") as f:
-      f.write(f"| {datetime.date.today()} | tokenizer | {json.dumps(result)} | `python benchmarks/tokenizer.py` |\n")
+      command = "`python benchmarks/tokenizer.py`"
+      f.write(f"| {datetime.date.today()} | tokenizer | {json.dumps(result)} | {command} |\n")
 
 
 if __name__ == "__main__":

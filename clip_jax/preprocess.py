@@ -49,8 +49,8 @@ def normalize(images: np.ndarray, mean: Sequence[float] = OPENAI_MEAN,
   mean = np.asarray(mean, dtype=np.float32)
   std = np.asarray(std, dtype=np.float32)
   if mean.shape != (images.shape[-1],) or std.shape != mean.shape:
-    raise ValueError(f"mean {tuple(mean.tolist())} and std {tuple(std.tolist())} need one value per channel; "
-                     f"images have {images.shape[-1]} channels (shape {images.shape})")
+    raise ValueError(f"mean {tuple(mean.tolist())} and std {tuple(std.tolist())} need one value per "
+                     f"channel; images have {images.shape[-1]} channels (shape {images.shape})")
   return (images - mean) / std
 
 
@@ -81,14 +81,15 @@ def _open_path(path) -> Image.Image:
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
   if array.dtype != np.uint8:
-    raise ValueError(f"image arrays must be uint8 HWC (0-255), got dtype {array.dtype} shape {array.shape}; "
-                     f"for float images already at the model size use clip_jax.preprocess.normalize")
+    raise ValueError(f"image arrays must be uint8 HWC (0-255), got dtype {array.dtype} shape "
+                     f"{array.shape}; for float images at the model size use clip_jax.preprocess.normalize")
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
     # uint8 HW -> "L", HW3 -> "RGB", HW4 -> "RGBA".
     return Image.fromarray(np.ascontiguousarray(array))
-  raise ValueError(f"image arrays must be HW, HWC with 1, 3 or 4 channels, or an NHWC batch; got shape {array.shape}")
+  raise ValueError("image arrays must be HW, HWC with 1, 3 or 4 channels, or an NHWC batch; "
+                   f"got shape {array.shape}")
 
 
 def _to_pil(image) -> Image.Image:
@@ -111,8 +112,8 @@ def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
   return np.asarray(image.convert("RGB"))
 
 
-def preprocess(images: Union[ImageInput, Sequence[ImageInput]], size: int, mean: Sequence[float] = OPENAI_MEAN,
-               std: Sequence[float] = OPENAI_STD) -> np.ndarray:
+def preprocess(images: Union[ImageInput, Sequence[ImageInput]], size: int,
+               mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> np.ndarray:
   """openai/CLIP's image transform, batched: float32 [N, size, size, 3] (NHWC).
 
   Args:

@@ -37,7 +37,7 @@ _NUM_MERGES = 49152 - 256 - 2  # merge lines used by OpenAI: lines[1:48895] of t
 _PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
-# The same pattern restricted to ASCII input, where \p{L} is [a-z] (the text is lowercased) and \p{N} is [0-9].
+# The same pattern for printable-ASCII input, where \p{L} is [a-z] (text is lowercased), \p{N} is [0-9].
 _ASCII_PATTERN = re.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""")
 _WHITESPACE = regex.compile(r"\s+")
@@ -48,7 +48,8 @@ _FAST_TEXT = re.compile(r"[ -%'-~]*")
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode() -> dict[int, str]:
   """OpenAI's reversible map from the 256 byte values to printable unicode characters."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
   cs = bs[:]
   n = 0
   for b in range(256):
@@ -94,7 +95,8 @@ class Tokenizer:
       lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
     if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
-      raise ValueError(f"{path} is not an OpenAI BPE merges file: expected {_NUM_MERGES} merge lines after the header")
+      raise ValueError(f"{path} is not an OpenAI BPE merges file: expected {_NUM_MERGES} merge lines "
+                       "after the header")
     self.byte_encoder = bytes_to_unicode()
     self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
     vocab = list(self.byte_encoder.values())
@@ -188,17 +190,20 @@ class Tokenizer:
     if isinstance(texts, str):
       texts = [texts]
     if context_length < 2:
-      raise ValueError(f"context_length={context_length} leaves no room for the start and end tokens; use >= 2")
+      raise ValueError(f"context_length={context_length} leaves no room for the start and end tokens; "
+                       "use >= 2")
     max_body = context_length - 2
     rows = []
     for text in texts:
       if not isinstance(text, str):
-        raise ValueError(f"tokenize expects a str or a list of str, got an element of type {type(text).__name__}")
+        raise ValueError("tokenize expects a str or a list of str, got an element of type "
+                         f"{type(text).__name__}")
       ids = self.encode(text)
       if len(ids) > max_body:
         if not truncate:
-          raise ValueError(f"text {_abbreviate(text)} has {len(ids) + 2} tokens (with start and end tokens), more "
-                           f"than context_length={context_length}; shorten it or pass truncate=True")
+          raise ValueError(f"text {_abbreviate(text)} has {len(ids) + 2} tokens (with start and end "
+                           f"tokens), more than context_length={context_length}; shorten it or pass "
+                           "truncate=True")
         # OpenAI cuts [SOT, ids, EOT] to context_length and puts EOT last: ids[:context_length - 2] survive.
         ids = ids[:max_body]
       rows.append(ids)

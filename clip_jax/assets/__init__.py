@@ -6,12 +6,13 @@ Files (see `asset_path`):
                                 template is replaced by a class name.
   zeroshot_prompts.json         The 26 datasets of openai/CLIP data/prompts.md:
                                 {dataset_key: {"name": str, "classes": [...], "templates": [str, ...]}}.
-                                dataset_key is the prompts.md heading lowercased ("cifar10", "sun397",
-                                "facialemotionrecognition2013", ...), in file order. A class is a str, or,
-                                where the source gives several names for one class (FacialEmotionRecognition2013:
-                                ["happy", "smiling"]), a list of str whose prompts are all averaged into that
-                                class's embedding; that dataset lists every class as a list, as the source does.
-                                Regenerate with `python -m clip_jax.assets.make_zeroshot_prompts prompts.md`.
+                                dataset_key is the prompts.md heading lowercased ("cifar10",
+                                "sun397", "facialemotionrecognition2013", ...), in file order. A class
+                                is a str, or, where the source gives several names for one class
+                                (FacialEmotionRecognition2013: ["happy", "smiling"]), a list of str
+                                whose prompts are all averaged into that class's embedding; that
+                                dataset lists every class as a list, as the source does. Regenerate:
+                                `python -m clip_jax.assets.make_zeroshot_prompts prompts.md`.
   LICENSE_openai_clip           The MIT notice covering the three files above (Copyright (c) 2021 OpenAI).
 """
 import pathlib

@@ -24,19 +24,23 @@ def parse_prompts_md(text: str) -> dict:
       raise ValueError(f"prompts.md section {heading!r} has no ```bash block")
     lists = {}
     for node in ast.parse(block.group(1)).body:
-      if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+      single_name = isinstance(node, ast.Assign) and len(node.targets) == 1
+      if not (single_name and isinstance(node.targets[0], ast.Name)):
         raise ValueError(f"prompts.md section {heading!r}: expected `name = [...]` assignments only")
       lists[node.targets[0].id] = ast.literal_eval(node.value)
     if set(lists) != {"classes", "templates"}:
-      raise ValueError(f"prompts.md section {heading!r} defines {sorted(lists)}, expected classes and templates")
-    datasets[heading.lower()] = {"name": heading, "classes": lists["classes"], "templates": lists["templates"]}
+      raise ValueError(f"prompts.md section {heading!r} defines {sorted(lists)}, "
+                       "expected classes and templates")
+    datasets[heading.lower()] = {
+        "name": heading, "classes": lists["classes"], "templates": lists["templates"]}
   return datasets
 
 
 def main(argv):
   if len(argv) not in (2, 3):
     raise SystemExit(__doc__)
-  out = pathlib.Path(argv[2]) if len(argv) == 3 else pathlib.Path(__file__).with_name("zeroshot_prompts.json")
+  default_out = pathlib.Path(__file__).with_name("zeroshot_prompts.json")
+  out = pathlib.Path(argv[2]) if len(argv) == 3 else default_out
   datasets = parse_prompts_md(pathlib.Path(argv[1]).read_text(encoding="utf-8"))
   out.write_text(json.dumps(datasets, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
   print(f"wrote {len(datasets)} datasets to {out}")
