@@ -92,8 +92,10 @@ class Attention(nn.Module):
     if width % self.heads:
       raise ValueError(f"width {width} is not divisible by heads {self.heads}")
     head_dim = width // self.heads
-    qkv = nn.DenseGeneral(
-        features=(3, self.heads, head_dim), axis=-1, dtype=self.dtype,
+    # nn.Einsum, not nn.DenseGeneral: DenseGeneral initialises a flattened kernel and applies
+    # the 4-d logical constraint to it, which fails (also in apply's shape check) under a mesh.
+    qkv = nn.Einsum(
+        (width, 3, self.heads, head_dim), "btd,dchk->btchk", dtype=self.dtype,
         param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(normal(self.qkv_std),
                                                  ("embed", "qkv", "heads", "kv")),
@@ -110,8 +112,9 @@ class Attention(nn.Module):
     else:
       raise ValueError(f"unknown attention_impl {self.impl!r}; known: xla, cudnn")
     out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
-    out = nn.DenseGeneral(
-        features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+    out = nn.Einsum(
+        (self.heads, head_dim, width), "bthk,hkd->btd", dtype=self.dtype,
+        param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(normal(self.out_std), ("heads", "kv", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name="out")(out)
