@@ -1,0 +1,98 @@
+"""TFDS through data sources: a tiny dataset built locally (array_record, no TensorFlow)."""
+import io
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+_NAMES = ["red_thing", "blue_thing", "green_thing"]
+
+
+class ClipJaxTinyLabels(tfds.core.GeneratorBasedBuilder):
+  """12 flat-colour images with class labels; encoded bytes keep TensorFlow out of it."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(names=_NAMES)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(12), "test": self._generate_examples(4)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      buf = io.BytesIO()
+      Image.fromarray(np.full((20, 30, 3), 20 * i, np.uint8)).save(buf, format="PNG")
+      yield i, {"image": buf.getvalue(), "label": i % 3}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("tfds"))
+  ClipJaxTinyLabels(data_dir=directory, file_format="array_record").download_and_prepare()
+  return directory
+
+
+def _config(data_dir, **data):
+  c = ml_collections.ConfigDict({
+      "seed": 0, "batch_size": 4,
+      "data": {"source": "tfds", "path": "", "name": "clip_jax_tiny_labels", "split": "train",
+               "data_dir": data_dir, "num_workers": 0, "min_scale": 0.9, "max_scale": 1.0,
+               "image_dtype": "float32", "num_threads": 2}})
+  c.data.update(data)
+  return c
+
+
+def test_labels_become_captions_and_images_are_center_cropped(data_dir):
+  from clip_jax.tokenizer import tokenize
+  config = _config(data_dir)
+  batches = list(pipeline.make_eval_iterator(config, image_size=8, batch_size=5,
+                                             process_index=0, process_count=1))
+  assert [b["mask"].sum() for b in batches] == [5, 5, 2]
+  labels = np.concatenate([b["labels"][b["mask"]] for b in batches])
+  images = np.concatenate([b["images"][b["mask"]] for b in batches])
+  assert images.shape == (12, 8, 8, 3)
+  # TFDS stores examples in its own order; the flat value 20 * i tells which one each is.
+  mean, std = np.array(pipeline.OPENAI_MEAN), np.array(pipeline.OPENAI_STD)
+  ids = np.rint((images[:, 0, 0, 0] * std[0] + mean[0]) * 255 / 20).astype(int)
+  assert sorted(ids) == list(range(12))
+  np.testing.assert_allclose(images, np.broadcast_to(((20 * ids / 255.0)[:, None, None, None] - mean) / std, images.shape),
+                             atol=1e-5)
+  np.testing.assert_array_equal(labels, ids % 3)
+  tokens = np.concatenate([b["tokens"][b["mask"]] for b in batches])
+  for i, row in zip(ids, tokens):
+    name = _NAMES[i % 3].replace("_", " ")
+    assert any(np.array_equal(row, tokenize(t.format(name))[0])
+               for t in tfds_source.LABEL_TEMPLATES)
+
+
+def test_train_stream_covers_the_epoch_across_processes(data_dir):
+  config = _config(data_dir)
+  seen = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(config, None, image_size=8, process_index=p,
+                                      process_count=2)
+    # Flat images identify their record: value 20 * i before normalisation.
+    batches = [next(it) for _ in range(3)]  # 6 records per process per epoch
+    it.close()
+    values = np.concatenate([b["images"][:, 0, 0, 0] for b in batches])
+    records = np.rint((values * pipeline.OPENAI_STD[0] + pipeline.OPENAI_MEAN[0]) * 255 / 20)
+    seen.append(set(records.astype(int)))
+  assert len(seen[0]) == len(seen[1]) == 6  # each process sees its 6 records once per epoch
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(12))
+
+
+def test_unknown_dataset_or_split_is_one_clear_error(data_dir):
+  with pytest.raises(ValueError, match="config.data.name='no_such_dataset_xyz' is not a known"):
+    pipeline.validate_data_config(_config(data_dir, name="no_such_dataset_xyz"))
+  with pytest.raises(ValueError, match="config.data.split='validation'"):
+    pipeline.validate_data_config(_config(data_dir, split="validation"))
+  with pytest.raises(ValueError, match="config.data.name is empty"):
+    pipeline.validate_data_config(_config(data_dir, name=""))
