@@ -8,7 +8,7 @@ every process. Per-example results therefore do not depend on the number of devi
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -118,6 +118,49 @@ def compute_features(model: CLIP, params, mesh: jax.sharding.Mesh, inputs: np.nd
     outputs.append(encode(params, batch))  # dispatched asynchronously; gathered below
   gathered = [np.asarray(multihost_utils.process_allgather(out, tiled=True)) for out in outputs]
   return np.concatenate(gathered)[:num]
+
+
+def compute_features_from_batches(model: CLIP, params, mesh: jax.sharding.Mesh,
+                                  batches: Iterable[dict], encode: dict[str, str],
+                                  keep: Sequence[str] = ("labels",)) -> dict[str, np.ndarray]:
+  """Features of a stream of process-local batches (e.g. `clip_jax.data.make_eval_iterator`).
+
+  Each batch holds this process's rows of one global batch (all of the same size) and a
+  "mask" [b] bool marking real rows. `encode` maps input keys to methods, e.g.
+  {"images": "encode_image"}; the features come back under the same keys, with the `keep`
+  arrays, gathered from every process in global order with the padding dropped.
+  """
+  sharding = batch_sharding(mesh)
+  params = _place_params(params, mesh)
+  outputs = {k: [] for k in list(encode) + list(keep) + ["mask"]}
+  iterator = iter(batches)
+  template = None
+  while True:
+    batch = next(iterator, None)
+    # Processes may hold different numbers of batches: continue while any has one left.
+    more = multihost_utils.process_allgather(np.int32(batch is not None))
+    if not np.any(more):
+      break
+    if batch is None:  # this process is done: feed an all-padding batch
+      batch = {k: np.zeros_like(v) for k, v in template.items()}
+    template = batch
+    local = len(batch["mask"])
+    global_batch = local * jax.process_count()
+    if global_batch % num_batch_shards(sharding):
+      raise ValueError(f"the global eval batch {global_batch} is not a multiple of the "
+                       f"{num_batch_shards(sharding)} batch shards of the mesh")
+    for key, method in encode.items():
+      fn = _encoder(model, method, True, sharding)
+      array = jax.make_array_from_process_local_data(sharding, np.asarray(batch[key]))
+      outputs[key].append(fn(params, array))
+    for key in list(keep) + ["mask"]:
+      outputs[key].append(jax.make_array_from_process_local_data(sharding, np.asarray(batch[key])))
+  if not outputs["mask"]:
+    raise ValueError("the evaluation data yielded no batches")
+  gathered = {k: np.concatenate([np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                                 for x in v]) for k, v in outputs.items()}
+  mask = gathered.pop("mask").astype(bool)
+  return {k: v[mask] for k, v in gathered.items()}
 
 
 def encode_text_fn(model: CLIP, params, mesh: jax.sharding.Mesh, batch_size: int):
