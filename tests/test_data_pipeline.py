@@ -123,5 +123,9 @@ def test_global_arrays_are_sharded_over_the_mesh():
   for array in batch.values():
     assert array.sharding == sharding
     assert {s.data.shape[0] for s in array.addressable_shards} == {1}
-  local = next(iter(pipeline.build_dataset(config, image_size=16, local_batch=8, train=True)))
+  # The same stream as the host-side (numpy) iterator, normalised on the devices.
+  local_it = pipeline.make_train_iterator(config, None, image_size=16)
+  local = next(local_it)
+  local_it.close()
   np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
+  np.testing.assert_array_equal(np.asarray(batch["images"]), local["images"])

@@ -46,9 +46,9 @@ def test_pipeline_batches_are_normalised():
       "seed": 0, "batch_size": 64,
       "data": {"source": "synthetic", "num_workers": 0, "min_scale": 0.9, "max_scale": 1.0,
                "image_dtype": "float32", "num_threads": 2}})
-  dataset = pipeline.build_dataset(config, image_size=32, local_batch=64, train=False,
-                                   num_examples=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-  batch = next(iter(dataset))
+  batch = next(pipeline.make_eval_iterator(config, image_size=32, batch_size=64, num_examples=64,
+                                           mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+  assert batch["mask"].all()
   assert batch["images"].shape == (64, 32, 32, 3)
   # Eval transform at the native size is the identity crop: exactly (x/255 - 0.5)/0.25.
   raw = np.stack([synthetic.eval_sample(0, i, 32)["image"] for i in range(64)])

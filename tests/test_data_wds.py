@@ -56,7 +56,7 @@ def test_batches_decode_normalise_and_tokenize(tmp_path):
   from clip_jax.tokenizer import tokenize
   path = _write_shards(tmp_path, 1, 4)
   config = _config(path)
-  batch = next(iter(pipeline.build_dataset(config, image_size=16, local_batch=4, train=False)))
+  batch = next(pipeline.make_eval_iterator(config, image_size=16, batch_size=4))
   assert batch["images"].shape == (4, 16, 16, 3) and batch["images"].dtype == np.float32
   assert batch["tokens"].shape == (4, 77) and batch["tokens"].dtype == np.int32
   # Flat images: the normalised value is (v/255 - mean)/std up to JPEG rounding.

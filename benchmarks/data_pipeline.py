@@ -1,0 +1,130 @@
+"""Input pipeline throughput: images per second of clip_jax.data's training stream on this host.
+
+  python benchmarks/data_pipeline.py --make_shards /tmp/shards            # 4 x 512 256px JPEGs
+  python benchmarks/data_pipeline.py --source wds --path '/tmp/shards/{00000..00003}.tar' \\
+      --image_size 224 --batch_size 64 --batches 20 [--num_workers N] [--append_results]
+
+Times `--batches` local batches after `--warmup` untimed ones (worker start-up, first shuffle
+window) through the full training transform: JPEG decode, RandomResizedCrop(bicubic),
+tokenization, batching, then the global arrays on this host's devices and the mean/std
+normalisation there (as in training). Prints one JSON line with images_per_s, the worker
+count, images_per_s_per_core (cores = the CPUs this process may use) and images_per_cpu_s
+(images per CPU-second the pipeline actually used: the per-core figure on a shared machine).
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from clip_jax.data import pipeline  # noqa: E402
+from clip_jax.data import synthetic  # noqa: E402
+from clip_jax.data import wds  # noqa: E402
+from configs.common import get_config  # noqa: E402
+
+
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process and its live worker processes."""
+  me = psutil.Process()
+  total = 0.0
+  for proc in [me] + me.children(recursive=True):
+    try:
+      times = proc.cpu_times()
+      total += times.user + times.system
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
+def make_shards(directory: str, num_shards: int, per_shard: int, size: int = 256):
+  """Writes img2dataset-style shards of `size`px JPEGs (synthetic shapes with photo-like noise)."""
+  os.makedirs(directory, exist_ok=True)
+  for s in range(num_shards):
+    samples = []
+    for i in range(per_shard):
+      sample = synthetic.train_sample(1234, s * per_shard + i, size)
+      rng = np.random.default_rng([s, i])
+      # Extra mid-frequency texture so the JPEGs are photo-sized (~20-30 KB), not flat.
+      texture = rng.normal(0, 18, (size // 4, size // 4, 1)).repeat(4, 0).repeat(4, 1)
+      image = np.clip(sample["image"] + texture, 0, 255).astype(np.uint8)
+      samples.append((f"{s:05d}{i:04d}", image, sample["caption"], {"width": size}))
+    wds.write_shard(os.path.join(directory, f"{s:05d}.tar"), samples)
+  return os.path.join(directory, "{00000..%05d}.tar" % (num_shards - 1))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--make_shards", default="", help="write benchmark shards to DIR and exit")
+  parser.add_argument("--num_shards", type=int, default=4)
+  parser.add_argument("--per_shard", type=int, default=512)
+  parser.add_argument("--source", default="wds", choices=pipeline.SOURCES)
+  parser.add_argument("--path", default="")
+  parser.add_argument("--name", default="")
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--batches", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--num_workers", type=int, default=len(os.sched_getaffinity(0)))
+  parser.add_argument("--shuffle_buffer", type=int, default=256)
+  parser.add_argument("--append_results", action="store_true",
+                      help="append a row to benchmarks/RESULTS.md")
+  args = parser.parse_args()
+  if args.make_shards:
+    print(make_shards(args.make_shards, args.num_shards, args.per_shard))
+    return
+
+  config = get_config()
+  config.batch_size = args.batch_size
+  config.data.source, config.data.path = args.source, args.path
+  config.data.name, config.data.data_dir = args.name, args.data_dir
+  config.data.num_workers = args.num_workers
+  config.data.shuffle_buffer = args.shuffle_buffer
+  # As in training: global arrays on this host's devices, normalised there.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  it = pipeline.make_train_iterator(config, sharding, image_size=args.image_size,
+                                    process_index=0, process_count=1)
+  for _ in range(args.warmup):
+    next(it)
+  cpu_start = _cpu_seconds()
+  start = time.perf_counter()
+  for _ in range(args.batches):
+    batch = next(it)
+  jax.block_until_ready(batch)
+  elapsed = time.perf_counter() - start
+  cpu = _cpu_seconds() - cpu_start
+  it.close()
+  cores = len(os.sched_getaffinity(0))
+  images_per_s = args.batches * args.batch_size / elapsed
+  result = {
+      "images_per_s": round(images_per_s, 1),
+      "images_per_s_per_core": round(images_per_s / cores, 1),
+      # Load-independent: images per CPU-second used by this process and its workers.
+      "images_per_cpu_s": round(args.batches * args.batch_size / cpu, 1),
+      "cpu_utilisation": round(cpu / elapsed, 2),
+      "num_workers": args.num_workers, "cores": cores, "source": args.source,
+      "image_size": args.image_size, "batch_size": args.batch_size, "batches": args.batches,
+      "image_shape": list(batch["images"].shape), "skipped_samples": it.skipped_samples,
+  }
+  print(json.dumps(result))
+  if args.append_results:
+    path = REPO / "benchmarks/RESULTS.md"
+    if not path.exists():
+      path.write_text("| date | benchmark | result | command |\n|---|---|---|---|\n")
+    command = " ".join(["python benchmarks/data_pipeline.py"] + sys.argv[1:])
+    with path.open("a") as f:
+      f.write(f"| {datetime.date.today()} | data_pipeline | {json.dumps(result)} | `{command}` |\n")
+
+
+if __name__ == "__main__":
+  main()
