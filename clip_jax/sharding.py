@@ -29,7 +29,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
-    ("vocab", "tensor"),
+    ("vocab", None),       # a vocab-sharded embedding lookup makes XLA replicate the gather
     ("seq", None),
     ("kv", None),
     ("qkv", None),

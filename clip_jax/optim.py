@@ -1,0 +1,126 @@
+"""The optimizer: AdamW with CLIP's defaults, decay mask, schedules, per-tower rates, LiT.
+
+Parameters fall in three groups by their top-level key: `image` (params["visual"]),
+`text` (params["text"]) and `head` (logit_scale, logit_bias). Each group gets its own AdamW
+with the learning rate times the group's multiplier; a frozen tower gets
+`optax.set_to_zero()` (no update and no optimizer moments).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Leaves that are not weight-decayed (CLIP: gains, biases, embeddings, temperature).
+NO_DECAY_NAMES = frozenset({
+    "bias", "scale", "class_embedding", "positional_embedding", "token_embedding",
+    "logit_scale", "logit_bias",
+})
+TOWER_KEYS = {"visual": "image", "text": "text"}
+DEFAULT_RSQRT_TIMESCALE = 10_000
+
+
+def _leaf_name(path) -> str:
+  keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return str(keys[-1]) if keys else ""
+
+
+def decay_mask(params):
+  """True for leaves that get weight decay (matrices: kernels, conv1, projections)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) not in NO_DECAY_NAMES,
+                                          params)
+
+
+def tower_labels(params):
+  """"image" / "text" / "head" for every leaf, by its top-level key."""
+  def label(path, _):
+    top = path[0].key if path and isinstance(path[0], jax.tree_util.DictKey) else None
+    return TOWER_KEYS.get(top, "head")
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def schedule_value(step, *, schedule: str, learning_rate: float, warmup_steps: int = 0,
+                   total_steps: Optional[int] = None, end_lr_factor: float = 0.0,
+                   cooldown_steps: int = 0, rsqrt_timescale: int = DEFAULT_RSQRT_TIMESCALE):
+  """The learning rate at `step` (int or array): linear warmup from 0, then `schedule`.
+
+  cosine / linear decay from `learning_rate` to `learning_rate * end_lr_factor` at
+  `total_steps`; constant holds; rsqrt is lr / sqrt(1 + (step - warmup) / timescale).
+  constant and rsqrt may end with a linear cooldown to the end value over the last
+  `cooldown_steps`.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  lr, end = float(learning_rate), float(learning_rate) * float(end_lr_factor)
+  after = step - warmup_steps
+  if schedule in ("cosine", "linear"):
+    if cooldown_steps:
+      raise ValueError(f"optimizer.cooldown_steps={cooldown_steps} only applies to constant and "
+                       f"rsqrt schedules; {schedule} already decays")
+    t = jnp.clip(after / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    shape = 0.5 * (1.0 + jnp.cos(math.pi * t)) if schedule == "cosine" else 1.0 - t
+    value = end + (lr - end) * shape
+  elif schedule == "constant":
+    value = jnp.full_like(step, lr)
+  elif schedule == "rsqrt":
+    value = lr * jax.lax.rsqrt(1.0 + jnp.maximum(after, 0.0) / rsqrt_timescale)
+  else:
+    raise ValueError(f"optimizer.schedule={schedule!r} is unknown; use cosine, linear, constant "
+                     "or rsqrt")
+  if cooldown_steps:
+    frac = jnp.clip((total_steps - step) / cooldown_steps, 0.0, 1.0)
+    value = end + (value - end) * frac
+  if warmup_steps:
+    value = jnp.where(step < warmup_steps, lr * step / warmup_steps, value)
+  return value
+
+
+def total_steps_from(config) -> Optional[int]:
+  """config.total_steps, else ceil(epochs * num_train_examples / batch_size), else None."""
+  if config.get("total_steps", None):
+    return int(config.total_steps)
+  if config.get("epochs", None) and config.get("num_train_examples", None):
+    return int(math.ceil(config.epochs * config.num_train_examples / config.batch_size))
+  return None
+
+
+def make_schedule(config, total_steps: Optional[int] = None) -> Callable:
+  """step -> learning rate from `config.optimizer` (see `schedule_value`)."""
+  opt = config.optimizer
+  total_steps = total_steps or total_steps_from(config)
+  needs_total = opt.schedule in ("cosine", "linear") or opt.get("cooldown_steps", 0)
+  if needs_total and not total_steps:
+    raise ValueError(f"optimizer.schedule={opt.schedule!r} needs config.total_steps (or epochs "
+                     "and num_train_examples)")
+  kwargs = dict(schedule=opt.schedule, learning_rate=opt.learning_rate,
+                warmup_steps=int(opt.warmup_steps), total_steps=total_steps,
+                end_lr_factor=opt.get("end_lr_factor", 0.0),
+                cooldown_steps=int(opt.get("cooldown_steps", 0)),
+                rsqrt_timescale=int(opt.get("rsqrt_timescale", DEFAULT_RSQRT_TIMESCALE)))
+  schedule_value(0, **kwargs)  # Raises now, not inside jit, for a bad schedule.
+  return lambda step: schedule_value(step, **kwargs)
+
+
+def make_optimizer(config, total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """AdamW (decay masked) per tower group, optional global-norm clipping, frozen tower."""
+  opt = config.optimizer
+  schedule = make_schedule(config, total_steps)
+  freeze = opt.get("freeze", "")
+  if freeze not in ("", "image", "text"):
+    raise ValueError(f"optimizer.freeze={freeze!r} is unknown; use '', 'image' or 'text'")
+
+  def adamw(mult: float):
+    return optax.adamw(lambda step: schedule(step) * mult, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                       weight_decay=opt.weight_decay, mask=decay_mask)
+
+  transforms = {"image": adamw(opt.get("image_lr_mult", 1.0)),
+                "text": adamw(opt.get("text_lr_mult", 1.0)),
+                "head": adamw(1.0)}
+  if freeze:
+    transforms[freeze] = optax.set_to_zero()
+  tx = optax.multi_transform(transforms, tower_labels)
+  if opt.get("grad_clip_norm", 0.0):
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx

@@ -1,0 +1,336 @@
+"""The train state and the one jitted train step (both towers, global-batch loss, update).
+
+    mesh = sharding.create_mesh(config)
+    state, shardings = create_train_state(config, mesh, jax.random.PRNGKey(config.seed))
+    train_step = make_train_step(config, mesh, shardings)
+    state, metrics = train_step(state, batch)   # batch: global arrays on batch_sharding(mesh)
+
+The state is built from its abstract shape and initialised by a jitted function whose
+outputs are already sharded, so no device or host ever holds a whole large model.
+`config.accum_steps > 1` runs exact GradCache accumulation (see `_gradcache_grads`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clip_jax import sharding as shd
+from clip_jax.losses import contrastive_loss
+from clip_jax.models.clip import CLIP, abstract_params, count_params, create_model, l2_normalize
+from clip_jax.models.configs import CLIPConfig, get_model_config
+from clip_jax.models.flops import train_flops_per_step
+from clip_jax.optim import make_optimizer, make_schedule
+
+LOGIT_SCALE_MAX = math.log(100.0)
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+TOWER_PARAMS = {"image": "visual", "text": "text"}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def model_config_from(config) -> CLIPConfig:
+  """The model config of a run: config.model plus the run's numerics and loss head."""
+  overrides = dict(dtype=config.dtype, param_dtype=config.param_dtype,
+                   scan_layers=bool(config.scan_layers), remat_policy=config.remat_policy,
+                   attention_impl=config.get("attention_impl", "xla"))
+  if config.get("act", None):
+    overrides["act"] = config.act
+  if config.get("image_size", None):
+    overrides["vision"] = {"image_size": int(config.image_size)}
+  if config.loss == "sigmoid":
+    overrides.update(logit_scale_init=SIGLIP_LOGIT_SCALE_INIT,
+                     logit_bias_init=SIGLIP_LOGIT_BIAS_INIT)
+  return get_model_config(config.model, **overrides)
+
+
+@contextlib.contextmanager
+def mesh_context(config, mesh: Mesh):
+  """The mesh and logical axis rules the model's sharding constraints resolve against."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.logical_axis_rules(config)):
+    yield
+
+
+def _unbox(tree):
+  """Plain values of a boxed tree, without applying sharding constraints."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree_util.tree_map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_train_state(config, mesh: Mesh):
+  """(abstract TrainState of sharded ShapeDtypeStructs, TrainState of NamedShardings)."""
+  shd.validate_config(config, num_devices=mesh.devices.size)
+  model = create_model(model_config_from(config))
+  boxed = abstract_params(model)
+  param_shardings = shd.logical_to_shardings(boxed, mesh, shd.logical_axis_rules(config))
+  params = _unbox(boxed)
+  shd.check_fsdp(params, param_shardings, mesh)
+  opt_state = jax.eval_shape(make_optimizer(config).init, params)
+  opt_shardings = shd.match_shardings(opt_state, params, param_shardings, mesh)
+  shardings = TrainState(step=shd.replicated(mesh), params=param_shardings,
+                         opt_state=opt_shardings)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=opt_state)
+  return _with_shardings(abstract, shardings), shardings
+
+
+def _check_params(params, abstract_params_tree):
+  """One-line error for initial params whose tree or shapes differ from the model's."""
+  want = jax.tree_util.tree_flatten_with_path(abstract_params_tree)[0]
+  got = jax.tree_util.tree_flatten_with_path(params)[0]
+  want_paths = [jax.tree_util.keystr(p) for p, _ in want]
+  got_paths = [jax.tree_util.keystr(p) for p, _ in got]
+  if want_paths != got_paths:
+    missing = sorted(set(want_paths) - set(got_paths))[:3]
+    extra = sorted(set(got_paths) - set(want_paths))[:3]
+    raise ValueError(f"initial params do not match the model: missing {missing}, unexpected "
+                     f"{extra} (scanned vs unscanned layers? see clip_jax.models.scan_params)")
+  for path, (_, w), (_, g) in zip(want_paths, want, got):
+    if tuple(w.shape) != tuple(np.shape(g)):
+      raise ValueError(f"initial param {path} has shape {tuple(np.shape(g))}, the model "
+                       f"expects {tuple(w.shape)}")
+
+
+def create_train_state(config, mesh: Mesh, rng, params=None):
+  """(TrainState, shardings): fresh params from `rng`, or `params` (e.g. init_from) placed
+  on the mesh, with a new optimizer state. Initialised already sharded."""
+  abstract, shardings = abstract_train_state(config, mesh)
+  model = create_model(model_config_from(config))
+  tx = make_optimizer(config)
+  if params is None:
+    def init(rng):
+      images = jnp.zeros((1, model.config.vision.image_size, model.config.vision.image_size, 3))
+      tokens = jnp.zeros((1, model.config.text.context_length), jnp.int32)
+      p = _unbox(model.init(rng, images, tokens)["params"])
+      return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
+  params = _unbox(params)
+  _check_params(params, abstract.params)
+  params = jax.tree_util.tree_map(
+      lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), params, abstract.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step=step, params=params, opt_state=opt_state), shardings
+
+
+# ---------------------------------------------------------------------------------------
+# loss and gradients
+# ---------------------------------------------------------------------------------------
+
+
+def _constrain(x, mesh: Mesh, spec: P):
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
+  """(params, images, tokens) -> (loss, metrics, grads) over the global batch (not jitted)."""
+  model = create_model(model_config_from(config))
+  freeze = config.optimizer.get("freeze", "")
+  accum = int(config.accum_steps)
+  loss_kw = dict(loss=config.loss, impl=config.loss_impl, mesh=mesh,
+                 chunk_size=int(config.loss_chunk_size))
+  rows = P(shd.BATCH_AXES)
+
+  def embed(params, inputs, tower):
+    method = "encode_image" if tower == "image" else "encode_text"
+    features = l2_normalize(model.apply({"params": params}, inputs, method=method))
+    return _constrain(features, mesh, rows)
+
+  def loss_of_features(image_features, text_features, logit_scale, logit_bias):
+    return contrastive_loss(image_features, text_features, logit_scale, logit_bias, **loss_kw)
+
+  def constrain_grads(grads):
+    if param_shardings is None:
+      return grads
+    return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, grads, param_shardings)
+
+  def direct(params, images, tokens):
+    def loss_fn(params):
+      if freeze:  # No gradient flows into (or is computed for) the frozen tower.
+        key = TOWER_PARAMS[freeze]
+        params = dict(params, **{key: jax.lax.stop_gradient(params[key])})
+      return loss_of_features(embed(params, images, "image"), embed(params, tokens, "text"),
+                              params["logit_scale"], params.get("logit_bias"))
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, constrain_grads(grads)
+
+  def gradcache(params, images, tokens):
+    """Exact accumulation: embed all micro-batches without gradients, take the loss's
+    gradient w.r.t. every embedding over the global batch, then backpropagate it through
+    each micro-batch in turn (a VJP per micro-batch)."""
+    global_batch = images.shape[0]
+
+    def split(x):  # [B, ...] -> [accum, B/accum, ...]; micro k is rows k, k+accum, ... so
+      # every device keeps its own rows and contributes to every micro-batch.
+      x = x.reshape(global_batch // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      return _constrain(x, mesh, P(None, shd.BATCH_AXES))
+
+    def merge(x):
+      x = x.swapaxes(0, 1).reshape(global_batch, *x.shape[2:])
+      return _constrain(x, mesh, rows)
+
+    images_m, tokens_m = split(images), split(tokens)
+
+    def embed_micro(_, xs):
+      return None, (embed(params, xs[0], "image"), embed(params, xs[1], "text"))
+
+    _, (image_m, text_m) = jax.lax.scan(embed_micro, None, (images_m, tokens_m))
+    has_bias = "logit_bias" in params
+    args = (merge(image_m), merge(text_m), params["logit_scale"],
+            params["logit_bias"] if has_bias else None)
+    argnums = (0, 1, 2, 3) if has_bias else (0, 1, 2)
+    (loss, metrics), feature_grads = jax.value_and_grad(
+        loss_of_features, argnums=argnums, has_aux=True)(*args)
+    d_image_m, d_text_m = split(feature_grads[0]), split(feature_grads[1])
+    trainable = [t for t in ("image", "text") if t != freeze]
+
+    def backprop_micro(acc, xs):
+      inputs = {"image": xs[0], "text": xs[1]}
+      cotangents = {"image": xs[2], "text": xs[3]}
+      out = {}
+      for tower in trainable:
+        key = TOWER_PARAMS[tower]
+        _, vjp = jax.vjp(lambda sub: embed(dict(params, **{key: sub}), inputs[tower], tower),
+                         params[key])
+        out[key] = jax.tree_util.tree_map(jnp.add, acc[key], vjp(cotangents[tower])[0])
+      return out, None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zeros = constrain_grads(zeros)
+    acc0 = {TOWER_PARAMS[t]: zeros[TOWER_PARAMS[t]] for t in trainable}
+    tower_grads, _ = jax.lax.scan(backprop_micro, acc0,
+                                  (images_m, tokens_m, d_image_m, d_text_m))
+    grads = dict(zeros, **tower_grads, logit_scale=feature_grads[2])
+    if has_bias:
+      grads["logit_bias"] = feature_grads[3]
+    return loss, metrics, constrain_grads(grads)
+
+  return direct if accum == 1 else gradcache
+
+
+def make_grad_fn(config, mesh: Mesh, param_shardings=None) -> Callable:
+  """Jitted (params, batch) -> (loss, metrics, grads); what the train step differentiates."""
+  fn = make_loss_and_grad(config, mesh, param_shardings)
+  jitted = jax.jit(lambda params, batch: fn(params, batch["images"], batch["tokens"]))
+
+  def grad_fn(params, batch):
+    with mesh_context(config, mesh):
+      return jitted(params, {"images": batch["images"], "tokens": batch["tokens"]})
+  return grad_fn
+
+
+# ---------------------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------------------
+
+
+def make_train_step(config, mesh: Mesh, state_shardings) -> Callable:
+  """train_step(state, batch) -> (new_state, metrics); one jit, the state donated.
+
+  batch: {"images": [B, H, W, 3] float32|bfloat16, "tokens": [B, 77] int32} global arrays on
+  `sharding.batch_sharding(mesh)` (other keys are ignored). Metrics are replicated scalars.
+  """
+  shd.validate_config(config, num_devices=mesh.devices.size)
+  loss_and_grad = make_loss_and_grad(config, mesh, state_shardings.params)
+  tx = make_optimizer(config)
+  schedule = make_schedule(config)
+
+  def step_fn(state: TrainState, batch):
+    loss, metrics, grads = loss_and_grad(state.params, batch["images"], batch["tokens"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # CLIP clamps the temperature so logits never exceed 100.
+    params = dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX))
+    metrics = dict(metrics, loss=loss,
+                   logit_scale=jnp.exp(state.params["logit_scale"]),
+                   grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params),
+                   update_norm=optax.global_norm(updates),
+                   learning_rate=schedule(state.step))
+    if "logit_bias" in state.params:
+      metrics["logit_bias"] = state.params["logit_bias"]
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+  batch_shardings = {"images": shd.batch_sharding(mesh), "tokens": shd.batch_sharding(mesh)}
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+
+  def train_step(state, batch):
+    with mesh_context(config, mesh):
+      return jitted(state, {"images": batch["images"], "tokens": batch["tokens"]})
+
+  def lower(state, batch):
+    with mesh_context(config, mesh):
+      return jitted.lower(state, {"images": batch["images"], "tokens": batch["tokens"]})
+
+  train_step.lower = lower
+  return train_step
+
+
+# ---------------------------------------------------------------------------------------
+# dry run
+# ---------------------------------------------------------------------------------------
+
+
+def abstract_batch(config, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs of one global batch on the mesh (nothing allocated)."""
+  model_config = model_config_from(config)
+  size, batch = model_config.vision.image_size, int(config.batch_size)
+  sharding = shd.batch_sharding(mesh)
+  image_dtype = jnp.dtype(config.data.get("image_dtype", "float32"))
+  return {"images": jax.ShapeDtypeStruct((batch, size, size, 3), image_dtype, sharding=sharding),
+          "tokens": jax.ShapeDtypeStruct((batch, model_config.text.context_length), jnp.int32,
+                                         sharding=sharding)}
+
+
+def compile_train_step(config, mesh: Mesh):
+  """The compiled step for abstract state and batch: (compiled, abstract_state)."""
+  abstract_state, shardings = abstract_train_state(config, mesh)
+  train_step = make_train_step(config, mesh, shardings)
+  compiled = train_step.lower(abstract_state, abstract_batch(config, mesh)).compile()
+  return compiled, abstract_state
+
+
+def memory_per_device(compiled) -> dict:
+  """Bytes per device from XLA's buffer assignment; donated inputs alias their outputs."""
+  m = compiled.memory_analysis()
+  argument, output = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+  temp, alias = int(m.temp_size_in_bytes), int(m.alias_size_in_bytes)
+  return {"argument": argument, "output": output, "temp": temp,
+          "total": argument + output - alias + temp}
+
+
+def dry_run_report(config, mesh: Optional[Mesh] = None) -> dict:
+  """Compiles the step for the configured mesh and global batch; runs and allocates nothing."""
+  shd.validate_config(config, num_devices=None if mesh is None else mesh.devices.size)
+  mesh = shd.create_mesh(config) if mesh is None else mesh
+  compiled, abstract_state = compile_train_step(config, mesh)
+  return {
+      "dry_run": True,
+      "num_params": count_params(abstract_state.params),
+      "num_devices": int(mesh.devices.size),
+      "global_batch": int(config.batch_size),
+      "flops_per_step": int(train_flops_per_step(model_config_from(config),
+                                                 int(config.batch_size))),
+      "memory_per_device": memory_per_device(compiled),
+  }
