@@ -1,0 +1,149 @@
+"""Schedules (exact), decay mask, per-tower multipliers and the frozen tower."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from clip_jax import optim
+from clip_jax.models import create_model, init_params
+from configs.common import get_config
+
+
+def lr(step, **kw):
+  return float(optim.schedule_value(step, **kw))
+
+
+def test_cosine_with_warmup():
+  kw = dict(schedule="cosine", learning_rate=1.0, warmup_steps=10, total_steps=110,
+            end_lr_factor=0.1)
+  assert lr(0, **kw) == 0.0
+  assert lr(5, **kw) == pytest.approx(0.5)
+  assert lr(10, **kw) == pytest.approx(1.0)
+  assert lr(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
+  assert lr(35, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)), abs=1e-6)
+  assert lr(110, **kw) == pytest.approx(0.1)
+  assert lr(500, **kw) == pytest.approx(0.1)
+
+
+def test_linear_constant_rsqrt():
+  assert lr(30, schedule="linear", learning_rate=2.0, warmup_steps=0,
+            total_steps=40) == pytest.approx(0.5)
+  assert lr(3, schedule="constant", learning_rate=0.3, warmup_steps=4) == pytest.approx(0.225)
+  assert lr(1000, schedule="constant", learning_rate=0.3, warmup_steps=4) == pytest.approx(0.3)
+  kw = dict(schedule="rsqrt", learning_rate=1.0, warmup_steps=100, rsqrt_timescale=100)
+  assert lr(100, **kw) == pytest.approx(1.0)
+  assert lr(400, **kw) == pytest.approx(0.5)          # 1 / sqrt(1 + 300 / 100)
+  # Linear cooldown over the last 100 of 1000 steps, to 0.
+  kw.update(total_steps=1000, cooldown_steps=100)
+  at_900 = 1 / math.sqrt(1 + 800 / 100)
+  assert lr(900, **kw) == pytest.approx(at_900, rel=1e-6)
+  assert lr(950, **kw) == pytest.approx(1 / math.sqrt(1 + 850 / 100) * 0.5, rel=1e-6)
+  assert lr(1000, **kw) == pytest.approx(0.0)
+
+
+def test_schedule_errors_are_one_line():
+  c = get_config()
+  c.optimizer.schedule = "cosine"
+  with pytest.raises(ValueError, match="needs config.total_steps") as e:
+    optim.make_schedule(c)
+  assert "\n" not in str(e.value)
+  c.total_steps = 10
+  c.optimizer.cooldown_steps = 5
+  with pytest.raises(ValueError, match="cooldown_steps"):
+    optim.make_schedule(c)
+  c.optimizer.schedule = "step"
+  with pytest.raises(ValueError, match="schedule='step'"):
+    optim.make_schedule(c)
+
+
+def test_total_steps_from_epochs():
+  c = get_config()
+  c.batch_size, c.epochs, c.num_train_examples = 100, 2.5, 1010
+  assert optim.total_steps_from(c) == 26
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(create_model("tiny", logit_bias_init=-10.0), jax.random.PRNGKey(0))
+
+
+def test_decay_mask(params):
+  mask = optim.decay_mask(params)
+  v, t = mask["visual"], mask["text"]
+  blocks = v["transformer"]["resblocks"]
+  assert v["conv1"] and v["proj"] and t["text_projection"]
+  assert blocks["attn"]["qkv"]["kernel"] and blocks["mlp"]["c_fc"]["kernel"]
+  assert not blocks["attn"]["qkv"]["bias"] and not blocks["mlp"]["c_proj"]["bias"]
+  assert not blocks["ln_1"]["scale"] and not v["ln_post"]["bias"]
+  assert not v["class_embedding"] and not v["positional_embedding"]
+  assert not t["token_embedding"] and not t["positional_embedding"]
+  assert not mask["logit_scale"] and not mask["logit_bias"]
+
+
+def config_for(**opt):
+  c = get_config()
+  c.total_steps = 100
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "constant"
+  c.optimizer.learning_rate = 1e-2
+  c.optimizer.update(opt)
+  return c
+
+
+def first_update(config, params):
+  tx = optim.make_optimizer(config)
+  grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.1, params)
+  updates, state = tx.update(grads, tx.init(params), params)
+  return updates, state
+
+
+def test_adamw_first_step_matches_formula(params):
+  updates, _ = first_update(config_for(), params)
+  # Adam's first step is g / (|g| + eps) = ~1 per element; decay adds wd * p on matrices.
+  k = params["visual"]["proj"]
+  expected = -1e-2 * (0.1 / (0.1 + 1e-6) + 0.2 * k)
+  np.testing.assert_allclose(updates["visual"]["proj"], expected, rtol=1e-5)
+  b = params["visual"]["ln_post"]["bias"]
+  np.testing.assert_allclose(updates["visual"]["ln_post"]["bias"],
+                             -1e-2 * 0.1 / (0.1 + 1e-6) * np.ones_like(b), rtol=1e-5)
+
+
+def test_tower_lr_multipliers(params):
+  base, _ = first_update(config_for(), params)
+  scaled, _ = first_update(config_for(image_lr_mult=0.5, text_lr_mult=2.0), params)
+  for a, b in zip(jax.tree_util.tree_leaves(base["visual"]), jax.tree_util.tree_leaves(scaled["visual"])):
+    np.testing.assert_allclose(b, 0.5 * a, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(base["text"]), jax.tree_util.tree_leaves(scaled["text"])):
+    np.testing.assert_allclose(b, 2.0 * a, rtol=1e-6)
+  np.testing.assert_allclose(scaled["logit_scale"], base["logit_scale"])
+
+
+def test_frozen_tower_zero_update_and_no_moments(params):
+  updates, state = first_update(config_for(freeze="image"), params)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(updates["visual"]))
+  assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(updates["text"]))
+  assert float(jnp.abs(updates["logit_scale"])) > 0
+  n_params = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+  _, full_state = first_update(config_for(), params)
+  # The frozen group has no Adam moments (nor its Adam and schedule step counts).
+  saved = n_params(full_state) - n_params(state)
+  assert saved == 2 * n_params(params["visual"]) + 2
+
+
+def test_grad_clipping_applies_before_adam(params):
+  c = config_for(grad_clip_norm=1.0)
+  tx = optim.make_optimizer(c)
+  assert isinstance(tx, optax.GradientTransformation)
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 100.0), params)
+  state = tx.init(params)
+  clip_state, _ = state
+  clipped, _ = optax.clip_by_global_norm(1.0).update(grads, clip_state)
+  assert float(optax.global_norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+  # Adam normalises, so clipping shows in the second moment: nu = (1 - b2) * g_clipped^2.
+  _, new_state = tx.update(grads, state, params)
+  nu = new_state[1].inner_states["image"].inner_state[0].nu["visual"]["proj"]
+  g = clipped["visual"]["proj"]
+  np.testing.assert_allclose(nu, 0.02 * np.square(g), rtol=1e-4)
