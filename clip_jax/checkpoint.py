@@ -146,13 +146,11 @@ def _resolve_step(path: str) -> tuple[epath.Path, int]:
     path = path / "checkpoints"
   if (path / "state").is_dir() and path.name.isdigit():
     return path.parent, int(path.name)
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=ITEMS)
-  step = manager.latest_step()
-  manager.close()
-  if step is None:
+  steps = ocp.utils.checkpoint_steps(path)  # finalized steps only; temporary dirs are skipped
+  if not steps:
     raise ValueError(f"{path} holds no complete checkpoint (expected a run workdir, its "
                      "checkpoints/ dir, a checkpoints/<step> dir, or a converted model dir)")
+  step = max(steps)
   return path, step
 
 

@@ -11,6 +11,7 @@ latest one (onto any mesh). SIGTERM (preemption) saves the current step and exit
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import math
 import os
 import re
@@ -161,10 +162,9 @@ def load_init_params(config, model_config, fresh_params):
   for key in keys:
     if key not in loaded:
       raise ValueError(f"config.init_from={config.init_from} has no {key!r} parameters")
-    want = jax.tree.map(lambda x: (x.shape, x.dtype), fresh_params[key])
-    got = jax.tree.map(lambda x: (x.shape, x.dtype), loaded[key])
-    if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(
-        jax.tree.map(lambda a, b: a[0] != b[0], want, got)).count(True):
+    want, got = fresh_params[key], loaded[key]
+    if (jax.tree.structure(want) != jax.tree.structure(got)
+        or [x.shape for x in jax.tree.leaves(want)] != [x.shape for x in jax.tree.leaves(got)]):
       raise ValueError(f"config.init_from={config.init_from}: the {key!r} parameters of "
                        f"{loaded_config.name} do not match config.model={config.model}")
     merged[key] = jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), loaded[key],
@@ -407,6 +407,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"{type(e).__name__}: {e}")
 
 
+class _OnlyOurInfo(pylogging.Filter):
+  """Keeps library INFO chatter (orbax logs every save step) off the console."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or "site-packages" not in record.pathname
+
+
 def _on_sigterm(signum, frame):
   del signum, frame
   _PREEMPTED.set()
@@ -414,6 +421,7 @@ def _on_sigterm(signum, frame):
 
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
   config = _CONFIG.value
   if config is None:
     _fail("--config=configs/NAME.py is required")

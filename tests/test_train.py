@@ -1,0 +1,104 @@
+"""The trainer in-process on 8 simulated devices: logged keys (jsonl + TensorBoard), the NaN
+stop, init_from with a frozen tower."""
+import os
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import checkpoint as ckpt_lib
+from clip_jax import metrics as metrics_lib
+from clip_jax import train as train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+
+LOGGED_KEYS = {"step", "loss", "learning_rate", "logit_scale", "samples_per_s", "step_time_s",
+               "grad_norm", "data/skipped_samples"}
+
+
+def _config(**overrides):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  """A tiny run of 8 steps: checkpoints at 4 and 8, every step logged, eval at the end."""
+  workdir = tmp_path_factory.mktemp("base")
+  final = train_lib.train(_config(total_steps=8), str(workdir))
+  return workdir, final
+
+
+def test_metrics_jsonl_and_tensorboard_carry_the_named_keys(base_run):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  workdir, final = base_run
+  records = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+  steps = [r for r in records if "loss" in r]
+  assert [r["step"] for r in steps] == list(range(1, 9))
+  for record in steps:
+    assert LOGGED_KEYS <= set(record), set(record)
+    assert "mfu" not in record  # the CPU has no known peak
+    assert record["data/skipped_samples"] == 0
+  # Warmup of 2 steps then cosine: the logged lr is the schedule's value at that step.
+  assert steps[0]["learning_rate"] < steps[1]["learning_rate"]
+  assert steps[-1]["learning_rate"] < steps[2]["learning_rate"]
+  evals = [r for r in records if "eval/synthetic/top1" in r]
+  assert [r["step"] for r in evals] == [8]
+  assert 0.0 <= evals[0]["eval/synthetic/top1"] <= evals[0]["eval/synthetic/top5"] <= 1.0
+  assert final["eval/synthetic/top1"] == evals[0]["eval/synthetic/top1"]
+  assert final["loss"] == steps[-1]["loss"]
+
+  events = EventAccumulator(str(workdir))
+  events.Reload()
+  tags = set(events.Tags()["scalars"])
+  assert (LOGGED_KEYS - {"step"}) | {"eval/synthetic/top1"} <= tags
+  np.testing.assert_allclose([e.value for e in events.Scalars("loss")],
+                             [r["loss"] for r in steps], rtol=1e-6)
+  assert ckpt_lib.Checkpointer(str(workdir), checkpoint_every=4,
+                               keep_checkpoints=3).all_steps() == [4, 8]
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  # Step 8 is a checkpoint step: its state must not be saved.
+  config = _config(total_steps=12, debug_nan_at_step=8, eval_every=-1)
+  with pytest.raises(train_lib.NonFiniteLossError, match="step 8: non-finite loss"):
+    train_lib.train(config, str(tmp_path))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), checkpoint_every=4, keep_checkpoints=3)
+  assert checkpointer.all_steps() == [4]
+  checkpointer.close()
+  logged = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")]
+  assert max(logged) == 7
+
+
+def test_init_from_with_a_frozen_image_tower(base_run, tmp_path):
+  base_dir, _ = base_run
+  base_params, _ = ckpt_lib.restore_params(str(base_dir))
+  config = _config(total_steps=3, init_from=str(base_dir), init_towers="image", eval_every=-1)
+  config.optimizer.freeze = "image"
+  train_lib.train(config, str(tmp_path))
+  params, _ = ckpt_lib.restore_params(str(tmp_path))
+  # The image tower is the base run's, untouched by 3 steps; the text tower trained from a
+  # fresh init, so it is not the base run's.
+  jax.tree.map(np.testing.assert_array_equal, params["visual"], base_params["visual"])
+  text_diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params["text"],
+                           base_params["text"])
+  assert max(jax.tree.leaves(text_diff)) > 1e-3
+
+
+def test_init_from_mismatched_model_is_one_clear_error(base_run, tmp_path):
+  base_dir, _ = base_run
+  config = _config(total_steps=1, init_from=str(base_dir), eval_every=-1)
+  config.model = "vitb32"
+  config.image_size = 32
+  with pytest.raises(train_lib.SetupError, match="do not match config.model=vitb32"):
+    train_lib.train(config, str(tmp_path))

@@ -1,0 +1,127 @@
+"""`python -m clip_jax.train` as users run it (subprocesses): config errors, --dry_run, exact
+resume after SIGTERM and SIGKILL, resume onto a different device count."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from clip_jax import metrics as metrics_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Long enough that a signal sent around step 5 lands mid-run; every step logged.
+RESUME_FLAGS = ["--config.total_steps=40", "--config.eval_every=-1", "--config.keep_every=4"]
+
+
+def _env(devices=8):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+
+
+def _command(workdir, *flags, config="configs/tiny.py"):
+  return [sys.executable, "-m", "clip_jax.train", f"--config={config}", f"--workdir={workdir}",
+          *flags]
+
+
+def _run(workdir, *flags, devices=8, timeout=240):
+  return subprocess.run(_command(workdir, *flags), cwd=REPO, env=_env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+          if "loss" in r}
+
+
+def _run_and_signal(workdir, sig, at_step, *flags):
+  """Starts a run and sends `sig` once metrics.jsonl shows `at_step`; returns the process."""
+  proc = subprocess.Popen(_command(workdir, *flags), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  path = workdir / "metrics.jsonl"
+  while time.time() < deadline and proc.poll() is None:
+    if path.exists() and any(s >= at_step for s in _losses(workdir)):
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  out, err = proc.communicate(timeout=240)
+  return proc, out, err
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.batchsize=16", "unknown config field 'config.batchsize' (did you mean 'batch_size'?)"),
+    ("--config.optimizer.lr=0.1", "unknown config field 'config.optimizer.lr'"),
+    ("--config.batch_size=sixteen", "--config.batch_size=sixteen"),
+    ("--config.batch_size=12", "config.batch_size=12 is not divisible"),
+    ("--config.log_every=0", "config.log_every=0 must be >= 1"),
+])
+def test_config_errors_are_one_line(tmp_path, flag, expected):
+  proc = _run(tmp_path, flag, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expected in last, proc.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dry_run_prints_one_json_line(tmp_path):
+  proc = _run(tmp_path, "--dry_run", "--config.batch_size=64", timeout=180)
+  assert proc.returncode == 0, proc.stderr
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["dry_run"] is True and report["num_devices"] == 8
+  assert report["global_batch"] == 64
+  assert report["num_params"] > 0 and report["flops_per_step"] > 0
+  assert set(report["memory_per_device"]) == {"argument", "output", "temp", "total"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """40 uninterrupted steps on 8 devices; a checkpoint kept every 4 steps."""
+  workdir = tmp_path_factory.mktemp("reference")
+  proc = _run(workdir, *RESUME_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 41))
+  return workdir, losses
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_interrupted_run_resumes_exactly(reference_run, tmp_path, sig):
+  _, reference = reference_run
+  proc, _, err = _run_and_signal(tmp_path, sig, 5, *RESUME_FLAGS)
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, err[-3000:]  # preemption: saved the current step, exit 0
+    assert "preempted: saved step" in err
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < 40, steps  # the signal landed mid-run
+  resume_step = steps[-1]
+
+  proc = _run(tmp_path, *RESUME_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"at step {resume_step}" in proc.stderr
+  resumed = _losses(tmp_path)
+  assert sorted(resumed) == list(range(1, 41))
+  np.testing.assert_allclose([resumed[s] for s in range(resume_step + 1, 41)],
+                             [reference[s] for s in range(resume_step + 1, 41)], rtol=0, atol=1e-6)
+
+
+def test_resume_onto_one_device(reference_run, tmp_path):
+  reference_dir, reference = reference_run
+  (tmp_path / "checkpoints").mkdir()
+  shutil.copytree(reference_dir / "checkpoints" / "8", tmp_path / "checkpoints" / "8")
+  proc = _run(tmp_path, *RESUME_FLAGS, "--config.total_steps=40", devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "at step 8" in proc.stderr and "over 1 devices" in proc.stderr
+  resumed = _losses(tmp_path)
+  assert sorted(resumed) == list(range(9, 41))
+  # Same state, same batches; only the reduction order differs between 8 devices and 1.
+  np.testing.assert_allclose([resumed[s] for s in range(9, 41)],
+                             [reference[s] for s in range(9, 41)], rtol=0, atol=1e-4)
