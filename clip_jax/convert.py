@@ -524,10 +524,36 @@ def convert_state_dict(state: dict, *, source: str, model: Optional[str] = None,
   return params, config
 
 
+# The weights file inside a Hugging Face / open_clip model dir, in order of preference.
+_DIR_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                "open_clip_pytorch_model.bin")
+
+
+def weights_in_dir(path) -> Optional[pathlib.Path]:
+  """The weights file of a Hugging Face / open_clip model dir, or None."""
+  path = pathlib.Path(path)
+  for name in _DIR_WEIGHTS:
+    if (path / name).is_file():
+      return path / name
+  return None
+
+
+def _weights_file(path: pathlib.Path) -> pathlib.Path:
+  if not path.is_dir():
+    return path
+  if weights := weights_in_dir(path):
+    return weights
+  raise ValueError(f"--input {path} is a directory without any of {', '.join(_DIR_WEIGHTS)}; "
+                   "pass the weights file itself")
+
+
 def convert_file(path, *, source: Optional[str] = None, model: Optional[str] = None,
                  act: Optional[str] = None):
-  """(params, CLIPConfig) from a checkpoint file. source None: openai or hf from the key names."""
-  path = pathlib.Path(path)
+  """(params, CLIPConfig) from a checkpoint file (or a Hugging Face / open_clip model dir).
+
+  source None: openai or hf, from the key names.
+  """
+  path = _weights_file(pathlib.Path(path))
   state = read_state_dict(path)
   layout = detect_layout(state)
   if source is None:
@@ -553,7 +579,8 @@ def main(argv=None) -> int:
       prog="python -m clip_jax.convert",
       description="Convert OpenAI / open_clip / Hugging Face CLIP weights to a clip_jax checkpoint.")
   parser.add_argument("--source", required=True, choices=SOURCES)
-  parser.add_argument("--input", required=True, help=".pt/.pth/.bin/.safetensors or TorchScript")
+  parser.add_argument("--input", required=True,
+                      help=".pt/.pth/.bin/.safetensors file, TorchScript archive, or HF model dir")
   parser.add_argument("--output", required=True, help="checkpoint dir to create")
   parser.add_argument("--model", choices=sorted(MODEL_CONFIGS),
                       help="variant to check against (default: inferred from the shapes)")

@@ -118,7 +118,8 @@ class CLIPInference:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.model = model
     self.config = config
-    self.params = params
+    # On the device once: host (numpy) params would be copied over at every call.
+    self.params = jax.device_put(params, jax.local_devices()[0])
     self.batch_size = batch_size
 
     def encode_image(params, images):
@@ -174,8 +175,6 @@ class CLIPInference:
                          "have them preprocessed")
       return images
     from clip_jax.preprocess import preprocess  # pylint: disable=import-outside-toplevel
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, np.ndarray)):
-      images = [images]  # one path or one PIL image
     return np.asarray(preprocess(images, self.image_size), np.float32)
 
   def text_inputs(self, tokens_or_texts) -> np.ndarray:
@@ -216,22 +215,23 @@ class CLIPInference:
 
 def load(path, *, batch_size: int = 256, dtype: Optional[str] = None,
          **convert_kwargs: Any) -> CLIPInference:
-  """Loads a CLIP for inference from a converted dir, a trainer workdir or step dir, or a
-  PyTorch/safetensors file (converted in memory; `convert_kwargs` go to
-  `clip_jax.convert.convert_file`, e.g. source="open_clip", act="gelu").
+  """Loads a CLIP for inference from a converted dir, a trainer workdir or step dir, or
+  PyTorch/safetensors weights (a file or a Hugging Face model dir, converted in memory;
+  `convert_kwargs` go to `clip_jax.convert.convert_file`, e.g. source="open_clip", act="gelu").
 
   `dtype` overrides the compute dtype (e.g. "bfloat16" on TPU); parameters keep theirs.
   """
   path = pathlib.Path(path)
-  if convert_kwargs and not path.is_file():
-    raise ValueError(f"{sorted(convert_kwargs)} only apply when loading a PyTorch or "
-                     f"safetensors file, and {path} is not a file")
+  from clip_jax import convert  # pylint: disable=import-outside-toplevel
+  to_convert = path.is_file() or (path.is_dir() and not is_converted_dir(path)
+                                  and convert.weights_in_dir(path) is not None)
+  if convert_kwargs and not to_convert:
+    raise ValueError(f"{sorted(convert_kwargs)} only apply when loading PyTorch or safetensors "
+                     f"weights, and {path} holds none")
   if is_converted_dir(path):
     params, config = load_params(path)
-  elif path.is_file():
-    from clip_jax import convert  # pylint: disable=import-outside-toplevel
+  elif to_convert:
     params, config = convert.convert_file(path, **convert_kwargs)
-    params = jax.device_put(params, jax.local_devices()[0])
   elif path.is_dir():
     try:
       from clip_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
@@ -241,7 +241,8 @@ def load(path, *, batch_size: int = 256, dtype: Optional[str] = None,
     params, config = restore_params(path)
   else:
     raise ValueError(f"{path} does not exist; pass a converted checkpoint dir, a trainer "
-                     "workdir or step dir, or a .pt/.bin/.safetensors file")
+                     "workdir or step dir, a Hugging Face model dir or a .pt/.bin/.safetensors "
+                     "file")
   if dtype is not None:
     config = config.replace(dtype=dtype)
   return CLIPInference(create_model(config), params, config, batch_size=batch_size)

@@ -62,6 +62,8 @@ def test_hf_safetensors_with_config_json(small, tmp_path):
            tmp_path / "out")
   clip = _check(tmp_path / "out", images, tokens, ref)
   assert clip.config.name == "tiny" and clip.config.act == "quick_gelu"
+  # The model dir itself loads too (converted in memory).
+  assert_close(clip_jax.load(tmp_path / "hf").encode_image(images), ref["image"])
 
 
 def test_hf_bin_with_model_name(small, tmp_path):
