@@ -133,6 +133,7 @@ class Launcher:
       child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True)
       self.children.append(child)
+      self._say(f"process {i}: pid {child.pid}")
       reader = threading.Thread(target=self._pump, args=(i, child.stdout), daemon=True)
       reader.start()
       self._readers.append(reader)
