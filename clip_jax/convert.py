@@ -26,10 +26,13 @@ import sys
 import zipfile
 from typing import Optional
 
+import flax.linen as nn
+import jax
 import numpy as np
 from absl import logging
 
-from clip_jax.models import MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig, get_model_config
+from clip_jax.models import (MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig, abstract_params,
+                             create_model, get_model_config, scan_params)
 
 SOURCES = ("openai", "open_clip", "hf")
 # OpenAI's weights use quick_gelu; open_clip's own (LAION, DataComp) use exact gelu unless the
@@ -279,7 +282,8 @@ def config_from_dims(dims: dict[str, int], *, vision_heads: Optional[int] = None
     raise ValueError(f"the image position embedding has {dims['vision.num_tokens']} rows, not a "
                      "square grid plus a class token")
   vw, tw = dims["vision.width"], dims["text.width"]
-  vision_ratio, text_ratio = _ratio(dims["vision.mlp_hidden"], vw), _ratio(dims["text.mlp_hidden"], tw)
+  vision_ratio = _ratio(dims["vision.mlp_hidden"], vw)
+  text_ratio = _ratio(dims["text.mlp_hidden"], tw)
   vision = VisionConfig(image_size=grid * dims["vision.patch_size"],
                         patch_size=dims["vision.patch_size"], width=vw,
                         layers=dims["vision.layers"], heads=vision_heads or max(1, vw // 64),
@@ -361,7 +365,8 @@ def hf_to_openai(state) -> dict[str, np.ndarray]:
       out["text_projection"] = value.T
     elif m := block.match(key):
       tower, i, rest = m.groups()
-      prefix = ("visual.transformer" if tower == "vision_model" else "transformer") + f".resblocks.{i}."
+      tower_prefix = "visual.transformer" if tower == "vision_model" else "transformer"
+      prefix = f"{tower_prefix}.resblocks.{i}."
       if rest.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
         kind = rest.rsplit(".", 1)[1]
         if rest.startswith("self_attn.q_proj"):  # fuse q, k, v as OpenAI's in_proj (rows q;k;v)
@@ -433,9 +438,6 @@ def openai_to_params(state, config: CLIPConfig) -> dict:
 
 def _check_tree(params, config: CLIPConfig) -> None:
   """The mapped tree must have exactly the model's parameter paths and shapes."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from clip_jax.models import abstract_params, create_model  # pylint: disable=import-outside-toplevel
   def flat(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
@@ -518,7 +520,6 @@ def convert_state_dict(state: dict, *, source: str, model: Optional[str] = None,
   if layout == "hf":
     state = hf_to_openai(state)
   state = {k: np.asarray(v, np.float32) for k, v in state.items() if not _IGNORED.search(k)}
-  from clip_jax.models import scan_params  # pylint: disable=import-outside-toplevel
   params = scan_params(openai_to_params(state, config))
   _check_tree(params, config)
   return params, config
@@ -577,7 +578,7 @@ def convert(input_path, output_dir, *, source: str, model: Optional[str] = None,
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m clip_jax.convert",
-      description="Convert OpenAI / open_clip / Hugging Face CLIP weights to a clip_jax checkpoint.")
+      description="Convert OpenAI / open_clip / Hugging Face CLIP weights to clip_jax.")
   parser.add_argument("--source", required=True, choices=SOURCES)
   parser.add_argument("--input", required=True,
                       help=".pt/.pth/.bin/.safetensors file, TorchScript archive, or HF model dir")

@@ -83,7 +83,8 @@ def load_params(directory, sharding: Optional[jax.sharding.Sharding] = None):
   directory = pathlib.Path(directory).absolute()
   if not is_converted_dir(directory):
     raise ValueError(
-        f"{directory} is not a converted checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/ in it)")
+        f"{directory} is not a converted checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/ "
+        "in it)")
   config = CLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

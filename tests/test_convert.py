@@ -113,8 +113,8 @@ def test_both_layouts_give_identical_params(hf_numpy, openai_numpy):
   from_openai, _ = convert.convert_state_dict(openai_numpy, source="openai", model="tiny")
   jax.tree_util.tree_map(np.testing.assert_array_equal, from_hf, from_openai)
   # Spot-check one mapping by hand: torch's conv weight [w, 3, p, p] becomes [p, p, 3, w].
-  np.testing.assert_array_equal(from_hf["visual"]["conv1"][2, 5, 1, 7],
-                                hf_numpy["vision_model.embeddings.patch_embedding.weight"][7, 1, 2, 5])
+  conv = hf_numpy["vision_model.embeddings.patch_embedding.weight"]
+  np.testing.assert_array_equal(from_hf["visual"]["conv1"][2, 5, 1, 7], conv[7, 1, 2, 5])
 
 
 def test_logit_bias_is_kept(openai_numpy):
@@ -137,7 +137,8 @@ def test_cli_error_is_one_line_and_leaves_nothing(openai_numpy, tmp_path):
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-  assert "missing keys: ln_final.bias" in errors[0] and "unexpected keys: visual.unknown" in errors[0]
+  assert "missing keys: ln_final.bias" in errors[0]
+  assert "unexpected keys: visual.unknown" in errors[0]
   assert _leftovers(tmp_path) == ["bad.pt"]
 
 

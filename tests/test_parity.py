@@ -5,6 +5,7 @@ with clip_jax.load, and the image/text embeddings and logits compared within 1e-
 """
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -78,6 +79,7 @@ def test_hf_bin_with_model_name(small, tmp_path):
 def test_openai_layout_torch_save(small, tmp_path):
   model, images, tokens, ref = small
   torch.save(openai_state_dict(hf_state_dict(model)), tmp_path / "ViT-tiny.pt")
+  assert not convert._is_torchscript(tmp_path / "ViT-tiny.pt")  # a zip too, but no code/
   _convert(["--source", "openai", "--input", str(tmp_path / "ViT-tiny.pt"), "--model", "tiny"],
            tmp_path / "out")
   _check(tmp_path / "out", images, tokens, ref)
@@ -100,7 +102,8 @@ def test_open_clip_training_checkpoint(small, tmp_path):
   model, images, tokens, ref = small
   state = openai_state_dict(hf_state_dict(model))
   state["attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)
-  checkpoint = {"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in state.items()}}
+  wrapped = {"module." + k: v for k, v in state.items()}
+  checkpoint = {"epoch": 3, "name": "run", "state_dict": wrapped}
   torch.save(checkpoint, tmp_path / "epoch_3.pt")
   _convert(["--source", "open_clip", "--input", str(tmp_path / "epoch_3.pt"), "--model", "tiny",
             "--act", "quick_gelu"], tmp_path / "out")
@@ -139,4 +142,4 @@ def test_vitb32_full_shape(tmp_path):
   (tmp_path / "model.safetensors").unlink()
   clip = _check(tmp_path / "out", images, tokens, ref)
   assert clip.config.name == "vitb32"
-  assert sum(np.size(x) for x in __import__("jax").tree_util.tree_leaves(clip.params)) == 151_277_313
+  assert sum(np.size(x) for x in jax.tree_util.tree_leaves(clip.params)) == 151_277_313
