@@ -28,6 +28,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from clip_jax import distributed  # also defines --coordinator_address/--num_processes/--process_id
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, events.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step, print one JSON line of "
@@ -425,6 +427,10 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     _fail("--config=configs/NAME.py is required")
+  try:  # before anything touches a device: pods, SLURM, flags or CLIP_JAX_* env; else a no-op
+    distributed.initialize()
+  except ValueError as e:
+    _fail(e)
   if _DRY_RUN.value:
     from clip_jax import sharding, step  # pylint: disable=g-import-not-at-top
     try:
@@ -439,6 +445,7 @@ def main(argv):
     _fail("--workdir=DIR is required (checkpoints, metrics.jsonl and TensorBoard events go there)")
   try:
     validate_config(config)
+    distributed.check_same_config(config)  # every host runs the same config
   except ValueError as e:
     _fail(e)
   signal.signal(signal.SIGTERM, _on_sigterm)
