@@ -16,7 +16,7 @@ from clip_jax import metrics as metrics_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Long enough that a signal sent around step 5 lands mid-run; every step logged.
-RESUME_FLAGS = ["--config.total_steps=40", "--config.eval_every=-1", "--config.keep_every=4"]
+RESUME_FLAGS = ["--config.total_steps=24", "--config.eval_every=-1", "--config.keep_every=4"]
 
 
 def _env(devices=8):
@@ -39,14 +39,13 @@ def _losses(workdir) -> dict[int, float]:
           if "loss" in r}
 
 
-def _run_and_signal(workdir, sig, at_step, *flags):
-  """Starts a run and sends `sig` once metrics.jsonl shows `at_step`; returns the process."""
+def _run_and_signal(workdir, sig, ready, *flags):
+  """Starts a run and sends `sig` once `ready(workdir)` holds; returns the process."""
   proc = subprocess.Popen(_command(workdir, *flags), cwd=REPO, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
-  path = workdir / "metrics.jsonl"
   while time.time() < deadline and proc.poll() is None:
-    if path.exists() and any(s >= at_step for s in _losses(workdir)):
+    if ready(workdir):
       proc.send_signal(sig)
       break
     time.sleep(0.02)
@@ -82,46 +81,50 @@ def test_dry_run_prints_one_json_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-  """40 uninterrupted steps on 8 devices; a checkpoint kept every 4 steps."""
+  """24 uninterrupted steps on 8 devices; a checkpoint kept every 4 steps."""
   workdir = tmp_path_factory.mktemp("reference")
   proc = _run(workdir, *RESUME_FLAGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   losses = _losses(workdir)
-  assert sorted(losses) == list(range(1, 41))
+  assert sorted(losses) == list(range(1, 25))
   return workdir, losses
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_interrupted_run_resumes_exactly(reference_run, tmp_path, sig):
   _, reference = reference_run
-  proc, _, err = _run_and_signal(tmp_path, sig, 5, *RESUME_FLAGS)
+  if sig == signal.SIGTERM:  # mid-way between two checkpoints
+    ready = lambda w: (w / "metrics.jsonl").exists() and max(_losses(w), default=0) >= 5
+  else:  # once one save has committed, so the restart has something to resume from
+    ready = lambda w: (w / "checkpoints" / "4").is_dir() and max(_losses(w), default=0) >= 6
+  proc, _, err = _run_and_signal(tmp_path, sig, ready, *RESUME_FLAGS)
   if sig == signal.SIGTERM:
     assert proc.returncode == 0, err[-3000:]  # preemption: saved the current step, exit 0
     assert "preempted: saved step" in err
   else:
     assert proc.returncode == -signal.SIGKILL
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < 40, steps  # the signal landed mid-run
+  assert steps and steps[-1] < 24, steps  # the signal landed mid-run
   resume_step = steps[-1]
 
   proc = _run(tmp_path, *RESUME_FLAGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"at step {resume_step}" in proc.stderr
   resumed = _losses(tmp_path)
-  assert sorted(resumed) == list(range(1, 41))
-  np.testing.assert_allclose([resumed[s] for s in range(resume_step + 1, 41)],
-                             [reference[s] for s in range(resume_step + 1, 41)], rtol=0, atol=1e-6)
+  assert sorted(resumed) == list(range(1, 25))
+  np.testing.assert_allclose([resumed[s] for s in range(resume_step + 1, 25)],
+                             [reference[s] for s in range(resume_step + 1, 25)], rtol=0, atol=1e-6)
 
 
 def test_resume_onto_one_device(reference_run, tmp_path):
   reference_dir, reference = reference_run
   (tmp_path / "checkpoints").mkdir()
   shutil.copytree(reference_dir / "checkpoints" / "8", tmp_path / "checkpoints" / "8")
-  proc = _run(tmp_path, *RESUME_FLAGS, "--config.total_steps=40", devices=1)
+  proc = _run(tmp_path, *RESUME_FLAGS, devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "at step 8" in proc.stderr and "over 1 devices" in proc.stderr
   resumed = _losses(tmp_path)
-  assert sorted(resumed) == list(range(9, 41))
+  assert sorted(resumed) == list(range(9, 25))
   # Same state, same batches; only the reduction order differs between 8 devices and 1.
-  np.testing.assert_allclose([resumed[s] for s in range(9, 41)],
-                             [reference[s] for s in range(9, 41)], rtol=0, atol=1e-4)
+  np.testing.assert_allclose([resumed[s] for s in range(9, 25)],
+                             [reference[s] for s in range(9, 25)], rtol=0, atol=1e-4)
