@@ -1,0 +1,61 @@
+"""StepProfiler: a trace of exactly the configured window of steps lands in WORKDIR/profile."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from clip_jax.profiling import DEFAULT_START_STEP, StepProfiler
+
+
+def _traces(logdir):
+  return glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+
+
+def _event_names(path):
+  data = jax.profiler.ProfileData.from_file(path)
+  return {e.name for plane in data.planes for line in plane.lines for e in line.events}
+
+
+def test_trace_covers_the_window(tmp_path):
+  @jax.jit
+  def profiled_step(x):
+    return jnp.tanh(x @ x) + 1.0
+
+  config = ml_collections.ConfigDict({"profile_start_step": 2, "profile_steps": 2})
+  profiler = StepProfiler.from_config(config, str(tmp_path))
+  logdir = os.path.join(str(tmp_path), "profile")
+  x, out = jnp.ones((64, 64)), None
+  for step in range(6):
+    profiler.before_step(step, out)
+    assert profiler.active == (2 <= step < 4), step
+    if step < 2:
+      assert not _traces(logdir)
+    out = profiled_step(x)
+  profiler.close(out)
+  assert profiler.done and not profiler.active
+  traces = _traces(logdir)
+  assert len(traces) == 1
+  assert any("profiled_step" in name for name in _event_names(traces[0]))
+
+
+def test_close_stops_a_window_cut_short(tmp_path):
+  profiler = StepProfiler(str(tmp_path), start_step=0, num_steps=100)
+  profiler.before_step(0)
+  out = jnp.arange(8.0) * 2
+  profiler.close(out)
+  assert len(_traces(str(tmp_path))) == 1
+  profiler.before_step(1)  # After the window nothing restarts.
+  assert not profiler.active
+
+
+def test_from_config_off_and_defaults(tmp_path):
+  assert StepProfiler.from_config(ml_collections.ConfigDict({}), str(tmp_path)) is None
+  assert StepProfiler.from_config(ml_collections.ConfigDict({"profile_steps": 0}),
+                                  str(tmp_path)) is None
+  p = StepProfiler.from_config(ml_collections.ConfigDict({"profile_steps": 3}), str(tmp_path))
+  assert (p.start_step, p.stop_step) == (DEFAULT_START_STEP, DEFAULT_START_STEP + 3)
+  with pytest.raises(ValueError, match="profile_steps"):
+    StepProfiler(str(tmp_path), start_step=0, num_steps=0)
