@@ -31,6 +31,11 @@ WORKER = textwrap.dedent("""\
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     mode = sys.argv[1]
+    if mode == "flags":  # coordinates from --coordinator_address/--num_processes/--process_id
+      from absl import flags
+      for name in ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID"):
+        del os.environ["CLIP_JAX_" + name]
+      flags.FLAGS([sys.argv[0]] + sys.argv[2:])
     assert distributed.initialize(), "expected a multi-process start"
     pid = jax.process_index()
     print("topology", pid, jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -139,6 +144,15 @@ def test_two_processes_collectives_and_same_config(worker):
     assert "sum 28.0" in lines  # 0 + 1 + ... + 7 across both processes' devices
     assert "allgather [0, 10]" in lines
     assert f"config_hash {digest}" in lines
+
+
+def test_two_processes_from_flags(worker):
+  result, _ = _launch(["--processes", "2", "--devices-per-process", "4", "--append-flags", "--",
+                       sys.executable, worker, "flags"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  for p in (0, 1):
+    assert f"topology {p} 2 4 8" in _lines(result.stdout, p)
+    assert "sum 28.0" in _lines(result.stdout, p)
 
 
 def test_config_mismatch_fails_clearly(worker):
