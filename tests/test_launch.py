@@ -16,7 +16,7 @@ LAUNCH = REPO / "launch"
 # ----------------------------------------------------------------------------------- TPU VM
 def _tpu(*args, check=True):
   result = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), *args], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+                          text=True, timeout=60, cwd=REPO, env=dict(os.environ, TMPDIR="/tmp"))
   if check:
     assert result.returncode == 0, result.stderr
   return result
