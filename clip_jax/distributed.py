@@ -178,15 +178,21 @@ def _cpu_only() -> bool:
 # ----------------------------------------------------------------------------------------------
 # Every host runs the same config.
 # ----------------------------------------------------------------------------------------------
-def config_json(config) -> str:
-  """Canonical JSON (sorted keys) of a ConfigDict or a plain mapping."""
+def config_json(config, **flags_to_match) -> str:
+  """Canonical JSON (sorted keys) of a ConfigDict or mapping, plus flags as "--name" keys."""
   if hasattr(config, "to_json_best_effort"):
-    return config.to_json_best_effort(sort_keys=True)
-  return json.dumps(config, sort_keys=True, default=repr)
+    text = config.to_json_best_effort(sort_keys=True)
+  else:
+    text = json.dumps(config, sort_keys=True, default=repr)
+  if not flags_to_match:
+    return text
+  merged = json.loads(text)
+  merged.update({f"--{name}": value for name, value in flags_to_match.items()})
+  return json.dumps(merged, sort_keys=True, default=repr)
 
 
-def config_hash(config) -> str:
-  return hashlib.sha256(config_json(config).encode()).hexdigest()
+def config_hash(config, **flags_to_match) -> str:
+  return hashlib.sha256(config_json(config, **flags_to_match).encode()).hexdigest()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -208,14 +214,15 @@ def _allgather_bytes(data: bytes) -> list[bytes]:
   return [bytes(row[:int(n)]) for row, n in zip(gathered, lengths.ravel())]
 
 
-def check_same_config(config) -> str:
+def check_same_config(config, **flags_to_match) -> str:
   """Raises ValueError on every process unless all processes run the same config.
 
-  Every process hashes the config's canonical JSON and the digests are all-gathered; on a
-  mismatch the configs themselves are gathered so the message names the differing processes
-  and fields. Returns the hex digest. A host collective: every process must call it.
+  Every process hashes the config's canonical JSON (with `flags_to_match`, e.g. workdir=...,
+  as "--workdir") and the digests are all-gathered; on a mismatch the configs themselves are
+  gathered so the message names the differing processes and fields. Returns the hex digest.
+  A host collective: every process must call it.
   """
-  digest = config_hash(config)
+  digest = config_hash(config, **flags_to_match)
   if jax.process_count() == 1:
     return digest
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -224,7 +231,8 @@ def check_same_config(config) -> str:
   differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
   if not differ:
     return digest
-  configs = [json.loads(b) for b in _allgather_bytes(config_json(config).encode())]
+  configs = [json.loads(b) for b in
+             _allgather_bytes(config_json(config, **flags_to_match).encode())]
   reference = _flatten(configs[0])
   fields = set()
   for p in differ:

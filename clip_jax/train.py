@@ -445,7 +445,7 @@ def main(argv):
     _fail("--workdir=DIR is required (checkpoints, metrics.jsonl and TensorBoard events go there)")
   try:
     validate_config(config)
-    distributed.check_same_config(config)  # every host runs the same config
+    distributed.check_same_config(config, workdir=_WORKDIR.value)  # same on every host
   except ValueError as e:
     _fail(e)
   signal.signal(signal.SIGTERM, _on_sigterm)

@@ -49,10 +49,13 @@ WORKER = textwrap.dedent("""\
     print("allgather", multihost_utils.process_allgather(np.array([pid * 10])).ravel().tolist(),
           flush=True)
     config = {"batch_size": 16, "model": "tiny"}
+    workdir = "gs://b/run"
     if mode == "mismatch":
       config["batch_size"] += pid  # process 1 runs another config
+    if mode == "mismatch_workdir":
+      workdir += str(pid)
     try:
-      print("config_hash", distributed.check_same_config(config), flush=True)
+      print("config_hash", distributed.check_same_config(config, workdir=workdir), flush=True)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(2)
@@ -137,7 +140,7 @@ def test_two_processes_collectives_and_same_config(worker):
   result, _ = _launch(["--processes", "2", "--devices-per-process", "4", "--",
                        sys.executable, worker, "ok"])
   assert result.returncode == 0, result.stdout + result.stderr
-  digest = distributed.config_hash({"batch_size": 16, "model": "tiny"})
+  digest = distributed.config_hash({"batch_size": 16, "model": "tiny"}, workdir="gs://b/run")
   for p in (0, 1):
     lines = _lines(result.stdout, p)
     assert f"topology {p} 2 4 8" in lines
@@ -163,6 +166,14 @@ def test_config_mismatch_fails_clearly(worker):
               "in ['batch_size'] (batch_size: p0=16 p1=17); run the same command and config on "
               "every host")
   assert expected in _lines(result.stdout, 0) + _lines(result.stdout, 1)
+
+
+def test_workdir_mismatch_fails_clearly(worker):
+  result, _ = _launch(["--processes", "2", "--devices-per-process", "4", "--",
+                       sys.executable, worker, "mismatch_workdir"])
+  assert result.returncode == 2
+  assert ("error: the config differs across processes: process(es) [1] differ from process 0 "
+          "in ['--workdir'] (--workdir: p0='gs://b/run0' p1='gs://b/run1')") in result.stdout
 
 
 def test_killed_process_ends_the_job_within_60s(worker):
