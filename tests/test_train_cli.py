@@ -116,6 +116,7 @@ def test_interrupted_run_resumes_exactly(reference_run, tmp_path, sig):
                              [reference[s] for s in range(resume_step + 1, 25)], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # test_checkpoint.py restores onto another mesh in-process by default
 def test_resume_onto_one_device(reference_run, tmp_path):
   reference_dir, reference = reference_run
   (tmp_path / "checkpoints").mkdir()
