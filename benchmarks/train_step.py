@@ -1,0 +1,271 @@
+"""Throughput and MFU of the real train step (clip_jax.step), optionally beside a PyTorch peer.
+
+  python benchmarks/train_step.py --model vitb32 --batch 16 --steps 10 --threads 2 --peer torch
+
+Synthetic batches already on the device; one device. The last line printed is one JSON
+object: samples_per_s, step_time_s (median), compile_s, flops_per_step (analytic, see
+clip_jax.models.flops), achieved_tflops, mfu and peak_tflops. On CPU the peak is a jitted
+float32 matmul measured in the same run; on GPU/TPU it is the chip's published bf16 peak.
+
+`--peer torch` builds the same architecture in PyTorch (transformers' CLIPModel, quick_gelu,
+AdamW with the same hyper-parameters, the same symmetric contrastive loss, float32) and
+times it alternately with ours, step by step, so both see the same machine load; the line
+then carries peer_samples_per_s and ratio (clip_jax / peer). Both sides are pinned to the
+same `--threads` cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# Runnable as a script from anywhere: the repo root holds clip_jax/ and configs/.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Published dense bf16 peaks (TFLOP/s) by jax device_kind substring, most specific first.
+ACCELERATOR_PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("A10", 125.0),
+    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+    ("TPU v4", 275.0), ("TPU v3", 123.0),
+)
+PEAK_MATMUL_SIZE = 2048
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="vitb32", choices=("vitb32", "vitb16", "vitl14", "tiny"))
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--loss_impl", default="global", choices=("global", "chunked"))
+  p.add_argument("--remat_policy", default="none")
+  p.add_argument("--scan_layers", dest="scan_layers", action="store_true", default=True)
+  p.add_argument("--noscan_layers", dest="scan_layers", action="store_false")
+  p.add_argument("--threads", type=int, default=0,
+                 help="CPU cores both sides are pinned to (0: all of this process's cores)")
+  p.add_argument("--peer", default="", choices=("", "torch"))
+  return p.parse_args(argv)
+
+
+def pin_threads(threads: int) -> int:
+  """Pins this process (XLA's and torch's pools size themselves from it) to `threads` cores."""
+  cores = sorted(os.sched_getaffinity(0))
+  if threads <= 0:
+    return len(cores)
+  if threads > len(cores):
+    raise ValueError(f"--threads={threads} exceeds the {len(cores)} cores this process may use")
+  os.sched_setaffinity(0, cores[:threads])
+  return threads
+
+
+# ---------------------------------------------------------------------------------------
+# ours
+# ---------------------------------------------------------------------------------------
+
+
+def run_config(args):
+  from configs.common import get_config
+  c = get_config()
+  c.model, c.batch_size, c.total_steps = args.model, args.batch, 1000
+  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  c.dtype, c.loss_impl = args.dtype, args.loss_impl
+  c.remat_policy, c.scan_layers = args.remat_policy, args.scan_layers
+  c.optimizer.warmup_steps = 10
+  return c
+
+
+def synthetic_tokens(rng, batch: int, context: int, vocab: int):
+  """Random ids, an end-of-text token (the largest id) at a random position, zeros after."""
+  import numpy as np
+  tokens = rng.integers(1, vocab - 2, size=(batch, context), dtype=np.int64)
+  tokens[:, 0] = vocab - 2  # start of text
+  ends = rng.integers(2, context, size=batch)
+  for i, e in enumerate(ends):
+    tokens[i, e] = vocab - 1
+    tokens[i, e + 1:] = 0
+  return tokens
+
+
+def build_ours(args):
+  """(step() running one train step to completion, compile seconds, model config)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from clip_jax import sharding as shd
+  from clip_jax import step as st
+
+  config = run_config(args)
+  mesh = shd.create_mesh(config, devices=jax.devices()[:1])
+  model_config = st.model_config_from(config)
+  state, shardings = st.create_train_state(config, mesh, jax.random.PRNGKey(0))
+  train_step = st.make_train_step(config, mesh, shardings)
+  rng = np.random.default_rng(0)
+  size = model_config.vision.image_size
+  image_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  images = rng.standard_normal((args.batch, size, size, 3), dtype=np.float32)
+  tokens = synthetic_tokens(rng, args.batch, model_config.text.context_length,
+                            model_config.text.vocab_size).astype(np.int32)
+  batch = {"images": jax.device_put(jnp.asarray(images, image_dtype), shd.batch_sharding(mesh)),
+           "tokens": jax.device_put(jnp.asarray(tokens), shd.batch_sharding(mesh))}
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return float(metrics["loss"])  # Waits for the step and fetches one scalar, as a trainer would.
+
+  return step, compile_s, model_config, (images, tokens)
+
+
+def measure_peak_sample(n: int = PEAK_MATMUL_SIZE):
+  """A closure timing one jitted n^3 float32 matmul (seconds); its FLOPs are 2 n^3."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32)
+  matmul = jax.jit(lambda a, b: a @ b)
+  matmul(a, b).block_until_ready()
+
+  def sample():
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    return time.perf_counter() - start
+  return sample, 2 * n ** 3
+
+
+def accelerator_peak_tflops():
+  import jax
+  kind = jax.devices()[0].device_kind
+  for key, peak in ACCELERATOR_PEAK_TFLOPS:
+    if key.lower() in kind.lower():
+      return peak, kind
+  return None, kind
+
+
+# ---------------------------------------------------------------------------------------
+# the PyTorch peer
+# ---------------------------------------------------------------------------------------
+
+
+def build_peer(model_config, batch_size: int, images, tokens, threads: int):
+  """One train step of transformers' CLIPModel with the same shapes, loss and AdamW."""
+  import torch
+  import torch.nn.functional as F
+  from transformers import CLIPConfig as HFConfig
+  from transformers import CLIPModel
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  v, t = model_config.vision, model_config.text
+  hf = HFConfig(
+      text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width,
+                       intermediate_size=int(t.width * t.mlp_ratio), num_hidden_layers=t.layers,
+                       num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                       hidden_act=model_config.act, layer_norm_eps=model_config.ln_eps,
+                       eos_token_id=t.vocab_size - 1, bos_token_id=t.vocab_size - 2),
+      vision_config=dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio),
+                         num_hidden_layers=v.layers, num_attention_heads=v.heads,
+                         image_size=v.image_size, patch_size=v.patch_size,
+                         hidden_act=model_config.act, layer_norm_eps=model_config.ln_eps),
+      projection_dim=model_config.embed_dim)
+  model = CLIPModel(hf).train()
+  decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+  no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+  pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  input_ids = torch.from_numpy(tokens.astype("int64"))
+  labels = torch.arange(batch_size)
+
+  def step():
+    out = model(input_ids=input_ids, pixel_values=pixel_values)
+    logits = out.logits_per_image
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+  return step
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  threads = pin_threads(args.threads)
+  import jax
+  from clip_jax.models.flops import train_flops_per_step
+
+  step, compile_s, model_config, (images, tokens) = build_ours(args)
+  on_cpu = jax.devices()[0].platform == "cpu"
+  peak_sample = peak_flops = None
+  if on_cpu:
+    peak_sample, peak_flops = measure_peak_sample()
+  peer_step = None
+  if args.peer == "torch":
+    peer_step = build_peer(model_config, args.batch, images, tokens, threads)
+
+  for _ in range(args.warmup):
+    step()
+    if peer_step:
+      peer_step()
+  # Interleaved rounds: each round times the peak matmul, our step and the peer's step.
+  ours, peer, peak = [], [], []
+  for _ in range(args.steps):
+    if peak_sample:
+      peak.append(peak_sample())
+    ours.append(timed(step))
+    if peer_step:
+      peer.append(timed(peer_step))
+
+  step_time = statistics.median(ours)
+  flops = train_flops_per_step(model_config, args.batch)
+  achieved = flops / step_time / 1e12
+  if on_cpu:
+    peak_tflops, device = peak_flops / statistics.median(peak) / 1e12, "cpu"
+  else:
+    peak_tflops, device = accelerator_peak_tflops()
+  result = {
+      "model": args.model, "batch": args.batch, "steps": args.steps, "dtype": args.dtype,
+      "loss_impl": args.loss_impl, "remat_policy": args.remat_policy,
+      "scan_layers": args.scan_layers, "threads": threads, "device": device,
+      "samples_per_s": round(args.batch / step_time, 3),
+      "step_time_s": round(step_time, 4),
+      "compile_s": round(compile_s, 2),
+      "flops_per_step": flops,
+      "achieved_tflops": round(achieved, 4),
+      "peak_tflops": None if peak_tflops is None else round(peak_tflops, 4),
+      "mfu": None if peak_tflops is None else round(achieved / peak_tflops, 4),
+      "load_avg_1m": round(os.getloadavg()[0], 2),
+  }
+  if peer_step:
+    peer_time = statistics.median(peer)
+    result.update(peer="torch", peer_samples_per_s=round(args.batch / peer_time, 3),
+                  peer_step_time_s=round(peer_time, 4),
+                  peer_mfu=None if peak_tflops is None else round(
+                      flops / peer_time / 1e12 / peak_tflops, 4),
+                  ratio=round(peer_time / step_time, 3),
+                  # Per-round ratios: robust to load changing between rounds.
+                  ratio_median_of_rounds=round(statistics.median(
+                      p / o for p, o in zip(peer, ours)), 3))
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,41 @@
+"""The benchmark scripts still run and print their JSON (numbers are not checked: no timing)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _last_json(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_step_with_torch_peer():
+  result = _last_json("benchmarks/train_step.py", "--model", "tiny", "--batch", "4", "--steps",
+                      "2", "--warmup", "1", "--peer", "torch")
+  for key in ("samples_per_s", "step_time_s", "compile_s", "flops_per_step", "achieved_tflops",
+              "mfu", "peak_tflops", "peer_samples_per_s", "ratio"):
+    assert key in result, key
+  assert result["samples_per_s"] > 0 and result["peer_samples_per_s"] > 0
+  assert 0 < result["mfu"] and result["peak_tflops"] > 0
+  # The analytic count of clip_jax.models.flops for this model and batch.
+  from clip_jax.models.flops import train_flops_per_step
+  assert result["flops_per_step"] == train_flops_per_step("tiny", 4)
+  assert abs(result["ratio"] - result["samples_per_s"] / result["peer_samples_per_s"]) < 0.01 * result["ratio"]
+
+
+def test_compile_time_prints_one_line_per_case():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "benchmarks/compile_time.py", "--models", "tiny",
+                        "--scan", "true,false", "--batch", "4"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+  assert [(r["model"], r["scan_layers"]) for r in rows] == [("tiny", True), ("tiny", False)]
+  assert all(r["total_s"] >= r["compile_s"] > 0 for r in rows)
