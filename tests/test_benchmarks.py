@@ -18,10 +18,11 @@ def _last_json(*args):
 
 def test_train_step_with_torch_peer():
   result = _last_json("benchmarks/train_step.py", "--model", "tiny", "--batch", "4", "--steps",
-                      "2", "--warmup", "1", "--peer", "torch")
+                      "2", "--warmup", "1", "--peer", "torch", "--malloc_retain")
   for key in ("samples_per_s", "step_time_s", "compile_s", "flops_per_step", "achieved_tflops",
               "mfu", "peak_tflops", "peer_samples_per_s", "ratio"):
     assert key in result, key
+  assert result["malloc_retain"] is True  # The script restarted itself with the glibc settings.
   assert result["samples_per_s"] > 0 and result["peer_samples_per_s"] > 0
   assert 0 < result["mfu"] and result["peak_tflops"] > 0
   # The analytic count of clip_jax.models.flops for this model and batch.
