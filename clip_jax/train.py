@@ -22,6 +22,7 @@ import time
 from typing import Any, Optional
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -287,8 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   train_step = step_lib.make_train_step(config, mesh, state_shardings)
   if is_primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   flops_per_step = train_flops_per_step(model_config, config.batch_size)
   device_kind = jax.devices()[0].device_kind
 

@@ -168,13 +168,14 @@ do_setup() {
   local archive
   archive="${TMPDIR:-/tmp}/clip_jax-$NAME.tar.gz"
   # The committed tree (git HEAD), identical on every host; the config hash check relies on it.
-  # gcsfs: gs:// paths for etils.epath (Orbax checkpoints, data) on the workers.
+  # gcsfs: gs:// paths for etils.epath (Orbax checkpoints, data, metrics.jsonl);
+  # google-cloud-storage: tensorboardX's gs:// event writer.
   run git -C "$SOURCE" archive --format=tar.gz -o "$archive" HEAD
   run gcloud compute tpus tpu-vm scp "$archive" "$NAME:clip_jax.tar.gz" "${GCLOUD_FLAGS[@]}" \
     --worker=all
   ssh_all all "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR $REMOTE_LOGS \
 && tar xzf ~/clip_jax.tar.gz -C $REMOTE_DIR \
-&& python3 -m pip install -q -U 'jax[tpu]' gcsfs && python3 -m pip install -q -e $REMOTE_DIR"
+&& python3 -m pip install -q -U 'jax[tpu]' gcsfs google-cloud-storage && python3 -m pip install -q -e $REMOTE_DIR"
 }
 
 do_train() {

@@ -41,7 +41,7 @@ def test_tpu_dry_run_v4_256_pod():
       f"{flags} --worker=all",
       f"gcloud compute tpus tpu-vm ssh clip-l14 {flags} --worker=all '--command=rm -rf "
       "~/clip_jax && mkdir -p ~/clip_jax ~/clip_jax_logs && tar xzf ~/clip_jax.tar.gz -C "
-      "~/clip_jax && python3 -m pip install -q -U '\\''jax[tpu]'\\'' gcsfs && python3 -m pip "
+      "~/clip_jax && python3 -m pip install -q -U '\\''jax[tpu]'\\'' gcsfs google-cloud-storage && python3 -m pip "
       "install -q -e ~/clip_jax'",
       f"gcloud compute tpus tpu-vm scp /tmp/clip_jax-clip-l14-train.sh "
       f"clip-l14:clip_jax_train.sh {flags} --worker=all",

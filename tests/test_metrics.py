@@ -83,3 +83,21 @@ def test_wandb_missing_is_one_clear_error(tmp_path):
   with pytest.raises(ValueError, match="wandb is not installed"):
     metrics_lib.MetricsWriter(str(tmp_path), total_steps=2, progress_bar=False,
                               wandb_config={"project": "p"})
+
+
+def test_object_store_workdirs_are_rewritten_not_appended(tmp_path, monkeypatch):
+  # gs:// has no append: the writer keeps the records and rewrites metrics.jsonl each time.
+  monkeypatch.setattr(metrics_lib, "is_local", lambda path: False)
+  writer = metrics_lib.MetricsWriter(str(tmp_path), total_steps=4, progress_bar=False)
+  assert writer._jsonl is None
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": 1.0 / step})
+  writer.close()
+  path = tmp_path / "metrics.jsonl"
+  assert [r["step"] for r in metrics_lib.read_jsonl(path)] == [1, 2, 3]
+  resumed = metrics_lib.MetricsWriter(str(tmp_path), total_steps=4, start_step=2,
+                                      progress_bar=False)
+  resumed.write(3, {"loss": 0.5})
+  resumed.close()
+  assert [(r["step"], r["loss"]) for r in metrics_lib.read_jsonl(path)] == [
+      (1, 1.0), (2, 0.5), (3, 0.5)]
