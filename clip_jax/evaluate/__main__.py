@@ -15,6 +15,10 @@ import os
 import pathlib
 import sys
 
+import jax
+
+from clip_jax import distributed
+
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
          "linear_probe": "linear_probe"}
 SYNTHETIC_DEFAULT_EXAMPLES = 1000
@@ -39,6 +43,10 @@ def parse_args(argv):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--cache_dir", default=None, help="cache of zero-shot text classifiers")
   parser.add_argument("--output", default=None, help="results JSON (default: stdout only)")
+  # Multi-host: as for the trainer (also CLIP_JAX_* env, SLURM and TPU pods, see launch/).
+  parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
   return parser.parse_args(argv)
 
 
@@ -169,6 +177,7 @@ def evaluate(args) -> dict:
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     validate_args(args)
     results = evaluate(args)
   except (ValueError, FileNotFoundError) as e:
@@ -177,7 +186,7 @@ def main(argv=None) -> int:
     return 2
   text = json.dumps(results, indent=2)
   print(text)
-  if args.output:
+  if args.output and jax.process_index() == 0:
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text + "\n")
