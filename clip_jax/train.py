@@ -30,11 +30,15 @@ from ml_collections import config_flags
 import numpy as np
 
 from clip_jax import distributed  # also defines --coordinator_address/--num_processes/--process_id
+from clip_jax.profiling import StepProfiler
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, events.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step, print one JSON line of "
                              "parameter count, FLOPs and per-device memory, and exit.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Write a JAX profiler trace of config."
+                             "profile_steps steps (5 when unset) from config.profile_start_step "
+                             "into WORKDIR/profile.")
 
 INIT_TOWERS = ("both", "image", "text")
 TOWER_KEYS = {"image": ("visual",), "text": ("text",)}  # param subtrees of each tower
@@ -345,11 +349,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   pending: Optional[tuple[int, Any]] = None
   step = start_step
+  profiler = StepProfiler.from_config(config, workdir)
+  metrics = None
   try:
     while step < total_steps:
       batch = next(train_iter)
       if config.debug_nan_at_step and step + 1 == config.debug_nan_at_step:
         batch = _poison(batch)
+      if profiler:
+        profiler.before_step(step, metrics)
       state, metrics = train_step(state, batch)
       step += 1
       if pending is not None:
@@ -371,6 +379,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if pending is not None:
       finish(*pending)
   finally:
+    if profiler:
+      profiler.close(metrics)
     checkpointer.close()  # lets the in-flight saves of good steps commit
     writer.close()
   _banner("done")
@@ -448,6 +458,9 @@ def main(argv):
     distributed.check_same_config(config, workdir=_WORKDIR.value)  # same on every host
   except ValueError as e:
     _fail(e)
+  if _PROFILE.value and not config.profile_steps:
+    with config.unlocked():
+      config.profile_steps = 5
   signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     train(config, _WORKDIR.value)

@@ -78,5 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Trainer (clip_jax.train): console and safety knobs.
   c.progress_bar = True              # tqdm bar on process 0 (a plain line per log when False)
+  c.profile_start_step = 10          # first step of a JAX profiler trace (--profile)
+  c.profile_steps = 0                # >0: trace that many steps into WORKDIR/profile
   c.debug_nan_at_step = 0            # >0: poison that step's batch with NaN (tests the NaN stop)
   return c

@@ -33,10 +33,18 @@ def _config(**overrides):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-  """A tiny run of 8 steps: checkpoints at 4 and 8, every step logged, eval at the end."""
+  """A tiny run of 8 steps: checkpoints at 4 and 8, every step logged, eval at the end,
+  a profiler trace of steps 2-3."""
   workdir = tmp_path_factory.mktemp("base")
-  final = train_lib.train(_config(total_steps=8), str(workdir))
+  final = train_lib.train(_config(total_steps=8, profile_start_step=2, profile_steps=2),
+                          str(workdir))
   return workdir, final
+
+
+def test_profile_window_writes_a_trace(base_run):
+  workdir, _ = base_run
+  traces = list((workdir / "profile").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
 
 
 def test_metrics_jsonl_and_tensorboard_carry_the_named_keys(base_run):
