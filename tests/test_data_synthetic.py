@@ -1,6 +1,7 @@
 """The built-in synthetic set: deterministic, learnable structure, disjoint zero-shot set."""
 import ml_collections
 import numpy as np
+import pytest
 
 from clip_jax.data import pipeline
 from clip_jax.data import synthetic
@@ -54,3 +55,52 @@ def test_pipeline_batches_are_normalised():
   raw = np.stack([synthetic.eval_sample(0, i, 32)["image"] for i in range(64)])
   np.testing.assert_allclose(batch["images"], (raw / 255.0 - 0.5) / 0.25, atol=1e-5)
   np.testing.assert_array_equal(batch["labels"], np.arange(64) % 20)
+
+
+def _eval_config(captions_per_image):
+  return ml_collections.ConfigDict({
+      "seed": 0, "data": {"source": "synthetic", "num_workers": 0, "min_scale": 1.0,
+                          "max_scale": 1.0, "image_dtype": "float32", "num_threads": 2,
+                          "captions_per_image": captions_per_image}})
+
+
+def test_eval_captions_are_distinct_deterministic_and_describe_the_image():
+  for i in range(40):
+    sample = synthetic.eval_sample(0, i, 32, num_captions=synthetic.MAX_CAPTIONS)
+    captions = sample["captions"]
+    assert len(captions) == len(set(captions)) == synthetic.MAX_CAPTIONS
+    assert captions[0] == sample["caption"]
+    assert synthetic.eval_sample(0, i, 32, num_captions=5)["captions"] == \
+        synthetic.eval_sample(0, i, 32, num_captions=5)["captions"]
+    # Asking for captions changes neither the image nor its first caption.
+    plain = synthetic.eval_sample(0, i, 32)
+    np.testing.assert_array_equal(plain["image"], sample["image"])
+    assert plain["caption"] == captions[0] and "captions" not in plain
+    color, shape = synthetic.CLASSNAMES[sample["label"]].split()
+    for caption in captions:
+      assert color in caption
+      assert shape in caption or any(w in caption for w in synthetic.SHAPE_SYNONYMS[shape])
+  assert len({tuple(synthetic.eval_sample(s, 0, 32, num_captions=4)["captions"])
+              for s in range(10)}) > 1
+  with pytest.raises(ValueError, match="a synthetic image has between 1 and 19 distinct"):
+    synthetic.eval_sample(0, 0, 32, num_captions=synthetic.MAX_CAPTIONS + 1)
+
+
+def test_eval_iterator_with_all_captions():
+  batches = list(pipeline.make_eval_iterator(_eval_config(3), image_size=16, batch_size=4,
+                                             num_examples=6, all_captions=True))
+  assert [b["mask"].tolist() for b in batches] == [[True] * 4, [True] * 2 + [False] * 2]
+  assert all("tokens" not in b and b["captions"].shape == (4,) for b in batches)
+  rows = [row for b in batches for row in b["captions"]]
+  assert rows[6:] == [(), ()]
+  for i, row in enumerate(rows[:6]):
+    assert row == tuple(synthetic.eval_sample(0, i, 16, num_captions=3)["captions"])
+  again = list(pipeline.make_eval_iterator(_eval_config(3), image_size=16, batch_size=4,
+                                           num_examples=6, all_captions=True))
+  assert [r for b in again for r in b["captions"]] == rows
+  # The default (one caption) stream is unchanged: the tokens of each sample's caption.
+  from clip_jax.tokenizer import tokenize
+  batch = next(pipeline.make_eval_iterator(_eval_config(3), image_size=16, batch_size=4,
+                                           num_examples=4))
+  np.testing.assert_array_equal(
+      batch["tokens"], tokenize([synthetic.eval_sample(0, i, 16)["caption"] for i in range(4)]))

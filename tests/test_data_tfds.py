@@ -96,3 +96,35 @@ def test_unknown_dataset_or_split_is_one_clear_error(data_dir):
     pipeline.validate_data_config(_config(data_dir, split="validation"))
   with pytest.raises(ValueError, match="config.data.name is empty"):
     pipeline.validate_data_config(_config(data_dir, name=""))
+
+
+class ClipJaxTinyCaptions(tfds.core.GeneratorBasedBuilder):
+  """3 images with coco_captions' layout: captions/text, a Sequence of i + 1 captions."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+  def _split_generators(self, dl_manager):
+    return {"test": self._generate_examples(3)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      buf = io.BytesIO()
+      Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+      yield i, {"image": buf.getvalue(),
+                "captions": {"text": [f"image {i} caption {j}" for j in range(i + 1)]}}
+
+
+def test_all_captions_of_a_caption_sequence(tmp_path):
+  ClipJaxTinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = _config(str(tmp_path), name="clip_jax_tiny_captions", split="test")
+  batch = next(pipeline.make_eval_iterator(config, image_size=8, batch_size=4, process_index=0,
+                                           process_count=1, all_captions=True))
+  assert batch["mask"].tolist() == [True, True, True, False]
+  values = (batch["images"][:3, 0, 0, 0] * pipeline.OPENAI_STD[0] + pipeline.OPENAI_MEAN[0]) * 255
+  for image_id, row in zip(np.rint(values / 40).astype(int), batch["captions"][:3]):
+    assert row == tuple(f"image {image_id} caption {j}" for j in range(image_id + 1))
+  assert batch["captions"][3] == ()

@@ -151,3 +151,32 @@ def test_fsspec_urls_are_read(tmp_path):
   assert [k for k, _ in wds.iter_tar_samples(globbed[1])] == ["01000", "01001"]
   with pytest.raises(ValueError, match="no fsspec filesystem"):
     wds.validate_shards("nosuchproto://bucket/x.tar")
+
+
+def test_several_captions_from_txt_lines_and_json_lists(tmp_path):
+  path = str(tmp_path / "multi.tar")
+  wds.write_shard(path, [
+      ("lines", _image(10), "a red thing\n\n  a crimson object \n", {"caption": "a red thing"}),
+      ("listed", _image(20), None, {"captions": ["one", " ", "two", "three"]}),
+      ("both", _image(30), "from txt", {"captions": ["from json"]}),
+      ("single", _image(40), None, {"caption": "only this"}),
+  ])
+  samples = dict(wds.iter_tar_samples(path))
+  # An img2dataset json repeating the txt caption adds nothing.
+  assert samples["lines"]["captions"] == ["a red thing", "a crimson object"]
+  assert samples["listed"]["captions"] == ["one", "two", "three"]
+  assert samples["listed"]["error"] is None
+  assert samples["both"]["captions"] == ["from txt", "from json"]
+  assert samples["single"]["captions"] == ["only this"]
+  batch = next(pipeline.make_eval_iterator(_config(path), image_size=16, batch_size=6,
+                                           all_captions=True))
+  assert batch["mask"].tolist() == [True] * 4 + [False] * 2
+  assert batch["captions"].tolist() == [("a red thing", "a crimson object"),
+                                        ("one", "two", "three"), ("from txt", "from json"),
+                                        ("only this",), (), ()]
+  # The one-caption stream keeps reading the whole txt, and skips the txt-less "listed".
+  from clip_jax.tokenizer import tokenize
+  single = next(pipeline.make_eval_iterator(_config(path), image_size=16, batch_size=4))
+  assert single["mask"].tolist() == [True, True, True, False]
+  np.testing.assert_array_equal(
+      single["tokens"][:3], tokenize(["a red thing\n\n  a crimson object", "from txt", "only this"]))

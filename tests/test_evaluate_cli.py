@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from clip_jax.evaluate.__main__ import main
@@ -38,13 +39,41 @@ def test_zeroshot_synthetic_writes_clip_benchmark_json(checkpoint, tmp_path, cap
   assert 0 <= results["metrics"]["acc1"] <= results["metrics"]["acc5"] <= 1
 
 
-def test_retrieval_synthetic(checkpoint, capsys):
+RECALL_KEYS = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+
+
+def test_retrieval_synthetic_uses_every_caption(checkpoint, capsys):
   code, out, err = _run(["--checkpoint", checkpoint, "--task", "retrieval", "--dataset",
-                         "synthetic", "--num_examples", "24", "--batch_size", "8"], capsys)
+                         "synthetic", "--num_examples", "24", "--batch_size", "8",
+                         "--captions_per_image", "3"], capsys)
   assert code == 0, err
-  metrics = json.loads(out)["metrics"]
-  assert set(metrics) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
-  assert metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@10"]
+  results = json.loads(out)
+  assert results["task"] == "zeroshot_retrieval"
+  assert results["num_examples"] == 24 and results["num_texts"] == 3 * 24
+  metrics = results["metrics"]
+  assert set(metrics) == RECALL_KEYS
+  for direction in ("image", "text"):
+    recalls = [metrics[f"{direction}_retrieval_recall@{k}"] for k in (1, 5, 10)]
+    assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1
+
+
+def test_retrieval_on_wds_captions_lines_and_json_lists(checkpoint, tmp_path, capsys):
+  from clip_jax.data import wds
+  rng = np.random.default_rng(0)
+  # Two captions as lines of key.txt, or three in key.json's "captions": 5 images, 12 texts.
+  samples = [(f"{i:03d}", rng.integers(0, 255, (20, 20, 3), np.uint8),
+              f"photo {i}\nanother view {i}" if i % 2 else None,
+              None if i % 2 else {"captions": [f"a {i}", f"b {i}", f"c {i}"]})
+             for i in range(5)]
+  wds.write_shard(str(tmp_path / "val-00000.tar"), samples)
+  code, out, err = _run(["--checkpoint", checkpoint, "--task", "retrieval", "--dataset",
+                         f"wds:{tmp_path}/val-{{00000..00000}}.tar", "--batch_size", "8"], capsys)
+  assert code == 0, err
+  results = json.loads(out)
+  assert results["num_examples"] == 5 and results["num_texts"] == 2 * 2 + 3 * 3
+  assert set(results["metrics"]) == RECALL_KEYS
+  # 5 images: every image is among the top 5 for every caption.
+  assert results["metrics"]["image_retrieval_recall@5"] == 1.0
 
 
 @pytest.mark.slow
@@ -63,6 +92,10 @@ def test_linear_probe_synthetic(checkpoint, capsys):
     (["--task", "retrieval", "--dataset", "no_such_dataset"],
      "unknown dataset 'no_such_dataset'; known: synthetic, a TFDS dataset name"),
     (["--task", "zeroshot", "--dataset", "wds:/x/{0..3}.tar"], "--task zeroshot needs class labels; wds shards"),
+    (["--task", "zeroshot", "--dataset", "synthetic", "--captions_per_image", "3"],
+     "--captions_per_image applies to --task retrieval --dataset synthetic only"),
+    (["--task", "retrieval", "--dataset", "synthetic", "--captions_per_image", "99"],
+     "--captions_per_image must be in [1, 19], got 99"),
 ])
 def test_user_errors_are_one_line(checkpoint, capsys, args, message):
   code, out, err = _run(["--checkpoint", checkpoint] + args, capsys)

@@ -64,13 +64,28 @@ def _skip(key: str, shard: Optional[str], reason: str) -> dict:
   return {_SKIPPED: True}
 
 
+def _caption_tuple(captions: Sequence[str]) -> np.ndarray:
+  """A 0-d object array holding a tuple: batches of them stack into [b] object arrays."""
+  out = np.empty((), object)
+  out[()] = tuple(captions)
+  return out
+
+
 def finish_sample(raw: dict, *, image_size: int, train: bool, scale: Sequence[float],
-                  seed: int, with_labels: bool) -> dict:
-  """Raw record -> {"images" uint8, "tokens"[, "labels"]}, or a skip marker for bad input."""
+                  seed: int, with_labels: bool, all_captions: bool = False) -> dict:
+  """Raw record -> {"images" uint8, "tokens"[, "labels"]}, or a skip marker for bad input.
+
+  With all_captions, "captions" (a 0-d object array holding the tuple of every non-empty
+  caption of the image, from raw["captions"]) replaces "tokens".
+  """
   key, shard = raw.get("key", "?"), raw.get("shard")
   if raw.get("error"):
     return _skip(key, shard, raw["error"])
-  caption = raw.get("caption")
+  if all_captions:
+    captions = [c.strip() for c in raw.get("captions", ()) if c and c.strip()]
+    caption = captions[0] if captions else None
+  else:
+    caption = raw.get("caption")
   if not caption or not caption.strip():
     return _skip(key, shard, "missing or empty caption")
   index = raw["index"] if isinstance(raw["index"], tuple) else (raw["index"],)
@@ -80,7 +95,10 @@ def finish_sample(raw: dict, *, image_size: int, train: bool, scale: Sequence[fl
   except Exception as e:  # pylint: disable=broad-except
     # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...).
     return _skip(key, shard, f"undecodable image: {type(e).__name__}: {e}")
-  out = {"images": image, "tokens": transforms.tokenize_caption(caption)}
+  if all_captions:
+    out = {"images": image, "captions": _caption_tuple(captions)}
+  else:
+    out = {"images": image, "tokens": transforms.tokenize_caption(caption)}
   if with_labels:
     out["labels"] = np.int32(raw.get("label", -1))
   return out
@@ -132,13 +150,17 @@ class SyntheticSchedule:
 class SyntheticLoader:
   """(epoch, index) -> finished sample from the training (or evaluation) seed stream."""
 
-  def __init__(self, finish, *, seed: int, image_size: int, held_out: bool):
+  def __init__(self, finish, *, seed: int, image_size: int, held_out: bool,
+               num_captions: Optional[int] = None):
     self._finish, self._seed, self._size, self._held_out = finish, seed, image_size, held_out
+    self._num_captions = num_captions
 
   def __call__(self, element: tuple[int, int]) -> dict:
     epoch, index = element
-    make = synthetic.eval_sample if self._held_out else synthetic.train_sample
-    raw = make(self._seed, index, self._size)
+    if self._held_out:
+      raw = synthetic.eval_sample(self._seed, index, self._size, num_captions=self._num_captions)
+    else:
+      raw = synthetic.train_sample(self._seed, index, self._size)
     raw.update(key=f"synthetic/{index}", epoch=epoch, index=index)
     return self._finish(raw)
 
@@ -199,26 +221,34 @@ class CountSkipsIterDataset(grain.IterDataset):
 
 def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
                   process_index: int = 0, process_count: int = 1,
-                  num_examples: Optional[int] = None) -> grain.IterDataset:
+                  num_examples: Optional[int] = None,
+                  all_captions: bool = False) -> grain.IterDataset:
   """The grain IterDataset of local batches {"images", "tokens", "num_skipped"[, "labels"]}.
 
   "images" are uint8 [b, H, W, 3] (normalised later, by DataIterator / make_eval_iterator).
 
   train=True: endless, shuffled, RandomResizedCrop. train=False: one pass (num_examples
   for the unlimited synthetic source), in order, center crop, last batch kept, labels added.
+  all_captions (evaluation only): "captions" [b] object (tuples of str) instead of "tokens";
+  the synthetic source gives config.data.captions_per_image (default 5) per image.
   """
   data = config.data
   seed = int(config.seed)
+  if all_captions and train:
+    raise ValueError("all_captions is for evaluation; the training stream uses one caption")
   finish = functools.partial(
       finish_sample, image_size=image_size, train=train,
-      scale=(float(data.min_scale), float(data.max_scale)), seed=seed, with_labels=not train)
+      scale=(float(data.min_scale), float(data.max_scale)), seed=seed, with_labels=not train,
+      all_captions=all_captions)
   num_threads = int(_data_option(config, "num_threads", 8))
   if data.source in ("synthetic", "tfds"):
     if data.source == "synthetic":
       if not train and num_examples is None:
         raise ValueError("make_eval_iterator on the synthetic source needs num_examples")
       schedule = SyntheticSchedule(process_index, process_count, None if train else num_examples)
-      loader = SyntheticLoader(finish, seed=seed, image_size=image_size, held_out=not train)
+      num_captions = int(_data_option(config, "captions_per_image", 5)) if all_captions else None
+      loader = SyntheticLoader(finish, seed=seed, image_size=image_size, held_out=not train,
+                               num_captions=num_captions)
     else:
       from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
       source = tfds_source.TfdsSource(data.name, data.split, data.data_dir)
@@ -356,26 +386,43 @@ def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, im
 def make_eval_iterator(config, *, image_size: int, batch_size: int,
                        mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
                        num_examples: Optional[int] = None, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None) -> Iterator[dict]:
+                       process_count: Optional[int] = None,
+                       all_captions: bool = False) -> Iterator[dict]:
   """One pass over config.data (this process's part), center-cropped, as numpy batches.
 
   Yields {"images" [b,H,W,3], "tokens" [b,77] int32, "labels" [b] int32 (-1 without labels),
   "mask" [b] bool}; every batch has batch_size rows, the last one padded (mask False).
   The synthetic source is read from its held-out seed stream (num_examples of them);
   for TFDS, num_examples (if given) limits the pass.
+
+  all_captions=True (retrieval on sets with several captions per image): "captions" [b]
+  object, each row the tuple of all the image's captions (padding rows: empty tuples),
+  replaces "tokens". Sources: every caption of a TFDS text feature (coco_captions'
+  captions/text), the lines of a wds `key.txt` and/or a "captions" list in `key.json`,
+  and config.data.captions_per_image (default 5) distinct captions per synthetic image.
   """
   validate_data_config(config)
   process_index, process_count = _process_args(process_index, process_count)
   dataset = build_dataset(config, image_size=image_size, local_batch=batch_size, train=False,
                           process_index=process_index, process_count=process_count,
-                          num_examples=num_examples)
+                          num_examples=num_examples, all_captions=all_captions)
   normalizer = transforms.Normalizer(mean, std, config.data.image_dtype)
   for batch in dataset:
     batch.pop("num_skipped")
     batch["images"] = normalizer(batch["images"])
-    size = len(batch["tokens"])
+    size = len(batch["images"])
     batch["mask"] = np.arange(batch_size) < size
     if size < batch_size:
-      batch = {k: v if k == "mask" else np.concatenate(
-          [v, np.zeros((batch_size - size,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+      batch = {k: v if k == "mask" else _pad_rows(v, batch_size - size) for k, v in batch.items()}
     yield batch
+
+
+def _pad_rows(array: np.ndarray, count: int) -> np.ndarray:
+  """`count` zero rows appended (empty tuples for the object arrays of captions)."""
+  if array.dtype == object:
+    pad = np.empty((count,), object)
+    for i in range(count):
+      pad[i] = ()
+  else:
+    pad = np.zeros((count,) + array.shape[1:], array.dtype)
+  return np.concatenate([array, pad])

@@ -10,6 +10,7 @@ never repeats a training image.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -81,6 +82,12 @@ def _shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float
 
 def render(rng: np.random.Generator, image_size: int, label: int):
   """Draws one image of class `label` (colour-major index into CLASSNAMES) and its caption."""
+  image, caption, _ = _render(rng, image_size, label)
+  return image, caption
+
+
+def _render(rng: np.random.Generator, image_size: int, label: int):
+  """(image, caption, facts): facts are the caption-relevant parameters of the image."""
   color_name = list(COLORS)[label // len(SHAPES)]
   shape = SHAPES[label % len(SHAPES)]
   # Supersample so edges stay clean at 32px; the canvas stays small for big images.
@@ -119,7 +126,25 @@ def render(rng: np.random.Generator, image_size: int, label: int):
       pos=_position_words(cx, cy), synonym=rng.choice(SHAPE_SYNONYMS[shape]),
       bg="dark" if base < 90 else ("light" if base > 125 else "grey"))
   caption = _CAPTIONS[rng.integers(len(_CAPTIONS))].format(**words)
-  return image, caption
+  facts = dict(color=color_name, shape=shape, size=size_name, pos=words["pos"], bg=words["bg"])
+  return image, caption, facts
+
+
+def _caption_variants(facts: dict) -> list[str]:
+  """Every distinct caption of an image with these facts, in a fixed order."""
+  variants = {}
+  for template in _CAPTIONS:
+    for size in SIZE_WORDS[facts["size"]]:
+      for synonym in SHAPE_SYNONYMS[facts["shape"]]:
+        words = dict(facts, size=size, synonym=synonym)
+        variants.setdefault(template.format(**words), None)
+  return list(variants)
+
+
+# The most distinct captions every synthetic image has (eval_sample's num_captions limit).
+MAX_CAPTIONS = min(len(_caption_variants(dict(color="red", shape=shape, size="small",
+                                              pos="center", bg="grey")))
+                   for shape in SHAPES)
 
 
 def train_sample(seed: int, index: int, image_size: int) -> dict:
@@ -130,12 +155,27 @@ def train_sample(seed: int, index: int, image_size: int) -> dict:
   return {"image": image, "caption": caption, "label": label}
 
 
-def eval_sample(seed: int, index: int, image_size: int) -> dict:
-  """Held-out sample `index` (class index mod num_classes) from the evaluation seed stream."""
+def eval_sample(seed: int, index: int, image_size: int,
+                num_captions: Optional[int] = None) -> dict:
+  """Held-out sample `index` (class index mod num_classes) from the evaluation seed stream.
+
+  With num_captions, "captions" lists that many distinct captions of the image (the
+  first is "caption"; the others are drawn from its other phrasings by (seed, index)).
+  """
   rng = np.random.default_rng([_EVAL_STREAM, int(seed) & 0xFFFFFFFF, int(index)])
   label = int(index) % num_classes()
-  image, caption = render(rng, image_size, label)
-  return {"image": image, "caption": caption, "label": label}
+  image, caption, facts = _render(rng, image_size, label)
+  sample = {"image": image, "caption": caption, "label": label}
+  if num_captions is not None:
+    others = [c for c in _caption_variants(facts) if c != caption]
+    if not 1 <= num_captions <= MAX_CAPTIONS:
+      raise ValueError(f"num_captions={num_captions}: a synthetic image has between 1 and "
+                       f"{MAX_CAPTIONS} distinct captions")
+    # Its own stream: the extra captions never change the image or its first caption.
+    extra = np.random.default_rng([_EVAL_STREAM, int(seed) & 0xFFFFFFFF, int(index), 1])
+    picks = extra.choice(len(others), size=num_captions - 1, replace=False)
+    sample["captions"] = [caption] + [others[i] for i in picks]
+  return sample
 
 
 def zeroshot_eval_set(num_examples: int, image_size: int, seed: int = 0):

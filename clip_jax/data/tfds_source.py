@@ -89,7 +89,8 @@ class TfdsSource:
     return len(self._source)
 
   def record(self, index: int, rng: np.random.Generator) -> dict:
-    """{"image": uint8 HWC, "caption": str, "label": int (-1 without labels), "key": str}."""
+    """{"image": uint8 HWC, "caption": str, "captions": [str], "label": int (-1 without
+    labels), "key": str}; "captions" are all of the example's (for label datasets, "caption")."""
     example = self._source[index]
     label = int(example[self.label_key]) if self.label_key is not None else -1
     if self.text_key is not None:
@@ -98,5 +99,6 @@ class TfdsSource:
     else:
       caption = LABEL_TEMPLATES[int(rng.integers(len(LABEL_TEMPLATES)))].format(
           self.classnames[label])
-    return {"image": np.asarray(example[self.image_key]), "caption": caption, "label": label,
-            "key": f"{self.name}/{index}"}
+      candidates = [caption]
+    return {"image": np.asarray(example[self.image_key]), "caption": caption,
+            "captions": candidates, "label": label, "key": f"{self.name}/{index}"}

@@ -1,5 +1,8 @@
 """Webdataset tar shards in the img2dataset layout: `key.jpg|png|webp` + `key.txt` (+ `key.json`).
 
+Evaluation sets with several captions per image put one per line of `key.txt` and/or a
+"captions" list in `key.json`.
+
 Shards come from local paths, brace patterns (`shards/{00000..00127}.tar`), globs, or any
 fsspec URL (gs://, s3://, ...) whose filesystem package is installed. Each process reads its
 own shards, in a new order every epoch (or drawn with replacement for endless streams);
@@ -102,22 +105,34 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _sample_from_files(files: dict) -> dict:
-  """Picks the image bytes and caption out of one key's files; `error` says what is missing."""
+  """Picks the image bytes and captions out of one key's files; `error` says what is missing.
+
+  "caption" is the whole `key.txt` (else the json's "caption"); "captions" lists every
+  caption: the non-empty lines of `key.txt`, then the json's "captions" list (or "caption").
+  """
   image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-  caption = None
+  caption, captions = None, []
   if "txt" in files:
     caption = files["txt"].decode("utf-8", errors="replace").strip()
-  elif "json" in files:
+    captions = [line.strip() for line in caption.splitlines() if line.strip()]
+  if "json" in files:
     try:
-      caption = str(json.loads(files["json"]).get("caption") or "").strip()
+      meta = json.loads(files["json"])
+      listed = meta.get("captions") or [meta.get("caption") or ""]
     except (ValueError, AttributeError):
-      caption = None
+      meta, listed = None, []
+    if isinstance(listed, str):
+      listed = [listed]
+    if caption is None and meta is not None:
+      caption = str(meta.get("caption") or "").strip()
+    if "txt" not in files or "captions" in (meta or {}):
+      captions += [str(c).strip() for c in listed if str(c).strip()]
   error = None
   if image is None:
     error = "no image file (jpg/png/webp)"
-  elif not caption:
+  elif not caption and not captions:
     error = "missing or empty caption"
-  return {"image": image, "caption": caption or "", "error": error}
+  return {"image": image, "caption": caption or "", "captions": captions, "error": error}
 
 
 def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
@@ -141,7 +156,7 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
   except (tarfile.TarError, EOFError, OSError, ValueError) as e:
     logging.warning("wds shard %s is truncated or unreadable after key %s: %s", shard, key, e)
     # The group being read (or the shard itself, if nothing was read) is lost: one skip.
-    yield key or "<shard start>", {"image": None, "caption": "",
+    yield key or "<shard start>", {"image": None, "caption": "", "captions": [],
                                     "error": f"truncated or unreadable tar: {e}"}
     return
   if key is not None:

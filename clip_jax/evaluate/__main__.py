@@ -5,6 +5,9 @@
   python -m clip_jax.evaluate --workdir runs/demo --task zeroshot --dataset synthetic
 
 Datasets: "synthetic", a TFDS name, or wds shards ("wds:/data/val-{00000..00007}.tar").
+Retrieval uses every caption of each image (TFDS caption sequences such as coco_captions',
+the lines of a wds key.txt or a "captions" list in key.json, --captions_per_image for the
+synthetic set) and reports "num_texts" beside "num_examples".
 The JSON has CLIP_benchmark's shape: {"dataset", "model", "task", "metrics", ...}.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from clip_jax import distributed
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
          "linear_probe": "linear_probe"}
 SYNTHETIC_DEFAULT_EXAMPLES = 1000
+SYNTHETIC_DEFAULT_CAPTIONS = 5
 
 
 def parse_args(argv):
@@ -40,6 +44,9 @@ def parse_args(argv):
                       help=f"limit (synthetic: default {SYNTHETIC_DEFAULT_EXAMPLES})")
   parser.add_argument("--num_train_examples", type=int, default=None,
                       help="linear probe: limit on the training split")
+  parser.add_argument("--captions_per_image", type=int, default=None,
+                      help="retrieval on synthetic: distinct captions per image "
+                           f"(default {SYNTHETIC_DEFAULT_CAPTIONS}); other sets use all theirs")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--cache_dir", default=None, help="cache of zero-shot text classifiers")
   parser.add_argument("--output", default=None, help="results JSON (default: stdout only)")
@@ -67,6 +74,14 @@ def validate_args(args) -> None:
       raise ValueError(f"--{flag} must be positive, got {value}")
   from clip_jax.evaluate import datasets
   kind = datasets.dataset_kind(args.dataset)
+  if args.captions_per_image is not None:
+    from clip_jax.data.synthetic import MAX_CAPTIONS
+    if args.task != "retrieval" or kind != "synthetic":
+      raise ValueError("--captions_per_image applies to --task retrieval --dataset synthetic "
+                       "only; other sets use every caption they hold")
+    if not 1 <= args.captions_per_image <= MAX_CAPTIONS:
+      raise ValueError(f"--captions_per_image must be in [1, {MAX_CAPTIONS}], got "
+                       f"{args.captions_per_image}")
   if args.task == "zeroshot" and kind != "wds":
     from clip_jax.evaluate import registry
     registry.resolve(args.dataset)
@@ -110,14 +125,14 @@ def evaluate(args) -> dict:
         model, params, mesh,
         datasets.eval_batches(args.dataset, split_name, args.data_dir, image_size=image_size,
                               local_batch=local_batch, num_examples=num, seed=args.seed),
-        encode={"images": "encode_image", "tokens": "encode_text"} if args.task == "retrieval"
-        else {"images": "encode_image"})
+        encode={"images": "encode_image"})
 
   def synthetic_set(num, seed):
     from clip_jax.data.synthetic import zeroshot_eval_set
     return zeroshot_eval_set(num, image_size, seed)
 
   num_examples = args.num_examples
+  extra = {}
   if kind == "synthetic" and num_examples is None:
     num_examples = SYNTHETIC_DEFAULT_EXAMPLES
 
@@ -147,11 +162,16 @@ def evaluate(args) -> dict:
     metrics = {"acc1": metrics["top1"], "acc5": metrics["top5"],
                "mean_per_class_recall": metrics["mean_per_class_recall"]}
   elif args.task == "retrieval":
-    out = stream(split, num_examples)
-    # One caption per image here: captions carry the index of their image.
-    metrics = retrieval.retrieval_metrics(out["images"], out["tokens"],
-                                          np.arange(len(out["images"])))
+    # Every caption of every image: text_to_image says which image each one describes.
+    batches = datasets.eval_batches(
+        args.dataset, split, args.data_dir, image_size=image_size, local_batch=local_batch,
+        num_examples=num_examples, seed=args.seed, all_captions=True,
+        captions_per_image=args.captions_per_image or SYNTHETIC_DEFAULT_CAPTIONS)
+    out = features.compute_retrieval_features(model, params, mesh, batches, args.batch_size,
+                                              context_length=model_config.text.context_length)
+    metrics = retrieval.retrieval_metrics(out["images"], out["texts"], out["text_to_image"])
     num_examples = len(out["images"])
+    extra["num_texts"] = len(out["texts"])
   else:
     if kind == "synthetic":
       num_train = args.num_train_examples or num_examples
@@ -171,7 +191,8 @@ def evaluate(args) -> dict:
     num_examples = len(test_labels)
   return {"dataset": args.dataset, "model": model_config.name, "task": TASKS[args.task],
           "metrics": metrics, "checkpoint": os.path.abspath(path),
-          "split": "synthetic" if kind == "synthetic" else split, "num_examples": int(num_examples)}
+          "split": "synthetic" if kind == "synthetic" else split, "num_examples": int(num_examples),
+          **extra}
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,8 @@ def wds_path(name: str) -> str:
   return name[len("wds:"):] if name.startswith("wds:") else name
 
 
-def data_config(name: str, split: str, data_dir: Optional[str], seed: int = 0):
+def data_config(name: str, split: str, data_dir: Optional[str], seed: int = 0,
+                captions_per_image: int = 5):
   """The config.data fields `clip_jax.data.make_eval_iterator` reads."""
   kind = dataset_kind(name)
   return ml_collections.ConfigDict({
@@ -35,7 +36,7 @@ def data_config(name: str, split: str, data_dir: Optional[str], seed: int = 0):
           "path": wds_path(name) if kind == "wds" else "", "split": split,
           "data_dir": data_dir, "num_workers": 0, "shuffle_buffer": 1,
           "resample_shards": False, "min_scale": 1.0, "max_scale": 1.0,
-          "image_dtype": "float32",
+          "image_dtype": "float32", "captions_per_image": captions_per_image,
       },
   })
 
@@ -63,8 +64,14 @@ def tfds_classnames(name: str, split: str, data_dir: Optional[str]) -> Optional[
 
 
 def eval_batches(name: str, split: str, data_dir: Optional[str], *, image_size: int,
-                 local_batch: int, num_examples: Optional[int], seed: int = 0):
-  """Process-local batches {"images", "tokens", "labels", "mask"} of one pass."""
+                 local_batch: int, num_examples: Optional[int], seed: int = 0,
+                 all_captions: bool = False, captions_per_image: int = 5):
+  """Process-local batches {"images", "tokens", "labels", "mask"} of one pass.
+
+  all_captions: "captions" (every caption of each image) instead of "tokens"; the
+  synthetic set then has captions_per_image distinct captions per image.
+  """
   from clip_jax.data import make_eval_iterator
-  return make_eval_iterator(data_config(name, split, data_dir, seed), image_size=image_size,
-                            batch_size=local_batch, num_examples=num_examples)
+  return make_eval_iterator(data_config(name, split, data_dir, seed, captions_per_image),
+                            image_size=image_size, batch_size=local_batch,
+                            num_examples=num_examples, all_captions=all_captions)

@@ -8,6 +8,7 @@ every process. Per-example results therefore do not depend on the number of devi
 from __future__ import annotations
 
 import functools
+import json
 from typing import Iterable, Optional, Sequence
 
 import flax.linen as nn
@@ -161,6 +162,67 @@ def compute_features_from_batches(model: CLIP, params, mesh: jax.sharding.Mesh,
                                  for x in v]) for k, v in outputs.items()}
   mask = gathered.pop("mask").astype(bool)
   return {k: v[mask] for k, v in gathered.items()}
+
+
+def _allgather_objects(value) -> list:
+  """Every process's JSON-serialisable `value`, in process order."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]
+
+
+def compute_retrieval_features(model: CLIP, params, mesh: jax.sharding.Mesh,
+                               batches: Iterable[dict], batch_size: int,
+                               context_length: int = 77) -> dict:
+  """Image and text features of a retrieval set with any number of captions per image.
+
+  Args:
+    model, params, mesh: as for `compute_features`.
+    batches: process-local batches with "images", "captions" ([b] object, each row the
+      tuple of an image's captions) and "mask", e.g. `make_eval_iterator(all_captions=True)`.
+    batch_size: global batch of the text encoder.
+    context_length: tokens per caption.
+
+  Returns:
+    {"images" [num_images, embed], "texts" [num_texts, embed], "text_to_image" [num_texts]
+    int (the image each caption describes), "captions" [num_texts] str}, the same on
+    every process.
+  """
+  from clip_jax.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
+  process, processes = jax.process_index(), jax.process_count()
+  local_captions = []
+
+  def with_row_ids(stream):
+    # Captions stay on the host; a row id (local row * processes + process) follows each
+    # image through the device gather so its captions can be found again.
+    for batch in stream:
+      batch = dict(batch)
+      rows = batch.pop("captions")
+      start = len(local_captions)
+      local_captions.extend(list(row) for row in rows)
+      batch["caption_row"] = ((np.arange(start, start + len(rows)) * processes + process)
+                              .astype(np.int32))
+      yield batch
+
+  out = compute_features_from_batches(model, params, mesh, with_row_ids(batches),
+                                      encode={"images": "encode_image"}, keep=("caption_row",))
+  captions_of = _allgather_objects(local_captions)
+  captions, text_to_image = [], []
+  for image, row in enumerate(out["caption_row"]):
+    own = captions_of[row % processes][row // processes]
+    captions.extend(own)
+    text_to_image.extend([image] * len(own))
+  if not captions:
+    raise ValueError("the retrieval set has no captions")
+  tokens = np.asarray(tokenize(captions, context_length=context_length, truncate=True), np.int32)
+  texts = compute_features(model, params, mesh, tokens, batch_size, method="encode_text")
+  return {"images": out["images"], "texts": texts,
+          "text_to_image": np.asarray(text_to_image, np.int64), "captions": captions}
 
 
 def encode_text_fn(model: CLIP, params, mesh: jax.sharding.Mesh, batch_size: int):
