@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clip_jax import distributed
 from clip_jax.models import CLIPConfig, abstract_params, create_model
 
 ITEMS = ("state", "data", "rng", "config", "model_config")
@@ -37,19 +38,6 @@ def _shape_tree(abstract_tree, shardings=None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract_tree, shardings)
-
-
-def _allgather_json(obj) -> list:
-  """Every process's JSON-serialisable `obj`, in process order (a host collective)."""
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:data.size] = data
-  gathered = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(gathered, lengths.ravel())]
 
 
 class Checkpointer:
@@ -98,7 +86,7 @@ class Checkpointer:
     """Starts saving `step` (every process must call it); returns whether a save started."""
     if not force and not self.manager.should_save(step):
       return False
-    data_states = _allgather_json(data_state)
+    data_states = distributed.allgather_json(data_state)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({"process_count": len(data_states), "states": data_states}),

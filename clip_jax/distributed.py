@@ -204,7 +204,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def _allgather_bytes(data: bytes) -> list[bytes]:
+def allgather_bytes(data: bytes) -> list[bytes]:
+  """Every process's `data`, in process order (a host collective; any lengths)."""
+  if jax.process_count() == 1:
+    return [data]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   array = np.frombuffer(data, np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.array([array.size], np.int32)))
@@ -212,6 +215,12 @@ def _allgather_bytes(data: bytes) -> list[bytes]:
   padded[:array.size] = array
   gathered = np.asarray(multihost_utils.process_allgather(padded))
   return [bytes(row[:int(n)]) for row, n in zip(gathered, lengths.ravel())]
+
+
+def allgather_json(value) -> list:
+  """Every process's JSON-serialisable `value`, in process order (a host collective)."""
+  return [json.loads(raw.decode("utf-8"))
+          for raw in allgather_bytes(json.dumps(value).encode("utf-8"))]
 
 
 def check_same_config(config, **flags_to_match) -> str:
@@ -232,7 +241,7 @@ def check_same_config(config, **flags_to_match) -> str:
   if not differ:
     return digest
   configs = [json.loads(b) for b in
-             _allgather_bytes(config_json(config, **flags_to_match).encode())]
+             allgather_bytes(config_json(config, **flags_to_match).encode())]
   reference = _flatten(configs[0])
   fields = set()
   for p in differ:

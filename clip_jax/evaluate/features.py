@@ -8,7 +8,6 @@ every process. Per-example results therefore do not depend on the number of devi
 from __future__ import annotations
 
 import functools
-import json
 from typing import Iterable, Optional, Sequence
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from clip_jax import distributed
 from clip_jax.models import CLIP, OPENAI_MEAN, OPENAI_STD, l2_normalize
 from clip_jax.evaluate import zeroshot as zs
 
@@ -164,18 +164,6 @@ def compute_features_from_batches(model: CLIP, params, mesh: jax.sharding.Mesh,
   return {k: v[mask] for k, v in gathered.items()}
 
 
-def _allgather_objects(value) -> list:
-  """Every process's JSON-serialisable `value`, in process order."""
-  if jax.process_count() == 1:
-    return [value]
-  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:len(data)] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))
-  return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]
-
-
 def compute_retrieval_features(model: CLIP, params, mesh: jax.sharding.Mesh,
                                batches: Iterable[dict], batch_size: int,
                                context_length: int = 77) -> dict:
@@ -211,7 +199,7 @@ def compute_retrieval_features(model: CLIP, params, mesh: jax.sharding.Mesh,
 
   out = compute_features_from_batches(model, params, mesh, with_row_ids(batches),
                                       encode={"images": "encode_image"}, keep=("caption_row",))
-  captions_of = _allgather_objects(local_captions)
+  captions_of = distributed.allgather_json(local_captions)
   captions, text_to_image = [], []
   for image, row in enumerate(out["caption_row"]):
     own = captions_of[row % processes][row // processes]
