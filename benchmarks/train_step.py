@@ -26,13 +26,7 @@ import time
 # Runnable as a script from anywhere: the repo root holds clip_jax/ and configs/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Published dense bf16 peaks (TFLOP/s) by jax device_kind substring, most specific first.
-ACCELERATOR_PEAK_TFLOPS = (
-    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("A10", 125.0),
-    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v4", 275.0), ("TPU v3", 123.0),
-)
-PEAK_MATMUL_SIZE = 2048
+PEAK_MATMUL_SIZE = 2048  # CPU peak: a jitted n^3 float32 matmul timed in the same rounds
 # glibc settings read at process start: large blocks from one never-trimmed heap, not mmap.
 # XLA's CPU runtime allocates each step's temporaries afresh; with mmap'd blocks every step
 # page-faults and zeroes them again (ViT-B/32, batch 16: ~2.5 GB, ~1.2 s of kernel time).
@@ -158,10 +152,9 @@ def measure_peak_sample(n: int = PEAK_MATMUL_SIZE):
 def accelerator_peak_tflops():
   import jax
   kind = jax.devices()[0].device_kind
-  for key, peak in ACCELERATOR_PEAK_TFLOPS:
-    if key.lower() in kind.lower():
-      return peak, kind
-  return None, kind
+  from clip_jax.metrics import peak_flops_per_device  # the trainer's table of chip peaks
+  peak = peak_flops_per_device(kind)
+  return (None if peak is None else peak / 1e12), kind
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from etils import epath
 # Peak dense bf16 FLOP/s of one device (a chip; a GPU), from the vendors' data sheets.
 # Matched against jax's `device_kind` by the longest key it contains.
 PEAK_BF16_FLOPS = {
+    "TPU v3": 123e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,   # v5e
     "TPU v5e": 197e12,
@@ -24,7 +25,9 @@ PEAK_BF16_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,   # v6e (Trillium)
     "TPU v6e": 918e12,
+    "A10": 125e12,           # "A100" also contains "A10": the longest key wins
     "A100": 312e12,
+    "L4": 121e12,
     "H100": 989e12,
     "H200": 989e12,
 }
