@@ -30,6 +30,13 @@ WORKER = textwrap.dedent("""\
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+    def say(*parts, file=sys.stdout):
+      # One write per line: the launcher sets PYTHONUNBUFFERED, so print would issue a write
+      # per argument, and gloo's own log lines (written from another thread) could land
+      # inside ours.
+      file.write(" ".join(str(p) for p in parts) + "\\n")
+      file.flush()
+
     mode = sys.argv[1]
     if mode == "flags":  # coordinates from --coordinator_address/--num_processes/--process_id
       from absl import flags
@@ -38,16 +45,14 @@ WORKER = textwrap.dedent("""\
       flags.FLAGS([sys.argv[0]] + sys.argv[2:])
     assert distributed.initialize(), "expected a multi-process start"
     pid = jax.process_index()
-    print("topology", pid, jax.process_count(), jax.local_device_count(), jax.device_count(),
-          flush=True)
+    say("topology", pid, jax.process_count(), jax.local_device_count(), jax.device_count())
     mesh = Mesh(np.array(jax.devices()), ("data",))
     sharding = NamedSharding(mesh, P("data"))
     # Each process holds 4 rows of the global [8] array: 4*pid .. 4*pid+3.
     x = jax.make_array_from_process_local_data(sharding, np.arange(4, dtype=np.float32) + 4 * pid)
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
-    print("sum", float(total), flush=True)
-    print("allgather", multihost_utils.process_allgather(np.array([pid * 10])).ravel().tolist(),
-          flush=True)
+    say("sum", float(total))
+    say("allgather", multihost_utils.process_allgather(np.array([pid * 10])).ravel().tolist())
     config = {"batch_size": 16, "model": "tiny"}
     workdir = "gs://b/run"
     if mode == "mismatch":
@@ -55,9 +60,9 @@ WORKER = textwrap.dedent("""\
     if mode == "mismatch_workdir":
       workdir += str(pid)
     try:
-      print("config_hash", distributed.check_same_config(config, workdir=workdir), flush=True)
+      say("config_hash", distributed.check_same_config(config, workdir=workdir))
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
+      say(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     if mode == "die":
       # A collective every step; process 1 is killed in the middle of the run.
@@ -66,7 +71,7 @@ WORKER = textwrap.dedent("""\
         step += 1
         float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x))
         if pid == 1 and step == 20:
-          print("process 1: dying", flush=True)
+          say("process 1: dying")
           os.kill(os.getpid(), 9)
     """)
 
@@ -80,6 +85,13 @@ def _launch(args, *, timeout=180, cwd=REPO):
 def _lines(stdout: str, process: int) -> list[str]:
   prefix = f"[p{process}] "
   return [line[len(prefix):] for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def _said(text: str, stdout: str, *processes: int) -> bool:
+  """Whether one of `processes` printed the line `text`. The worker writes each line in one
+  write, so it ends a line of the output; gloo writes its log lines in pieces from another
+  thread, and the start of one may precede ours on the same line."""
+  return any(line.endswith(text) for p in processes for line in _lines(stdout, p))
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +154,10 @@ def test_two_processes_collectives_and_same_config(worker):
   assert result.returncode == 0, result.stdout + result.stderr
   digest = distributed.config_hash({"batch_size": 16, "model": "tiny"}, workdir="gs://b/run")
   for p in (0, 1):
-    lines = _lines(result.stdout, p)
-    assert f"topology {p} 2 4 8" in lines
-    assert "sum 28.0" in lines  # 0 + 1 + ... + 7 across both processes' devices
-    assert "allgather [0, 10]" in lines
-    assert f"config_hash {digest}" in lines
+    assert _said(f"topology {p} 2 4 8", result.stdout, p)
+    assert _said("sum 28.0", result.stdout, p)  # 0 + 1 + ... + 7 across both processes' devices
+    assert _said("allgather [0, 10]", result.stdout, p)
+    assert _said(f"config_hash {digest}", result.stdout, p)
 
 
 def test_two_processes_from_flags(worker):
@@ -154,8 +165,8 @@ def test_two_processes_from_flags(worker):
                        sys.executable, worker, "flags"])
   assert result.returncode == 0, result.stdout + result.stderr
   for p in (0, 1):
-    assert f"topology {p} 2 4 8" in _lines(result.stdout, p)
-    assert "sum 28.0" in _lines(result.stdout, p)
+    assert _said(f"topology {p} 2 4 8", result.stdout, p)
+    assert _said("sum 28.0", result.stdout, p)
 
 
 def test_config_mismatch_fails_clearly(worker):
@@ -165,7 +176,7 @@ def test_config_mismatch_fails_clearly(worker):
   expected = ("error: the config differs across processes: process(es) [1] differ from process 0 "
               "in ['batch_size'] (batch_size: p0=16 p1=17); run the same command and config on "
               "every host")
-  assert expected in _lines(result.stdout, 0) + _lines(result.stdout, 1)
+  assert _said(expected, result.stdout, 0, 1)
 
 
 def test_workdir_mismatch_fails_clearly(worker):
