@@ -76,8 +76,46 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+class FusedQKV(nn.Module):
+  """OpenAI's fused in_proj: kernel [embed, 3, heads, kv], bias [3, heads, kv].
+
+  `__call__(x)` projects every token to q, k and v ([B, T, 3, H, K]); `project(x, parts)`
+  only the given parts (a slice of the 3), so the pooled last block projects k and v of
+  every token but q of the pooled token alone.
+  """
+  heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  std: float = 0.02
+
+  def setup(self):
+    self.kernel = self.param(
+        "kernel", nn.with_logical_partitioning(normal(self.std), ("embed", "qkv", "heads", "kv")),
+        (self.width, 3, self.heads, self.head_dim), self.param_dtype)
+    self.bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("qkv", "heads", "kv")),
+        (3, self.heads, self.head_dim), self.param_dtype)
+
+  @property
+  def width(self) -> int:
+    return self.heads * self.head_dim
+
+  def project(self, x, parts: slice = slice(0, 3)):
+    kernel, bias = self.kernel[:, parts], self.bias[parts]
+    y = jnp.einsum("btd,dchk->btchk", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+  def __call__(self, x):
+    return self.project(x)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused QKV projection (OpenAI's in_proj layout)."""
+  """Multi-head self-attention with a fused QKV projection (OpenAI's in_proj layout).
+
+  `query_index` ([B] ints) computes the output of one query per sequence only (that
+  token's row: [B, 1, D]), attending to every key; the pooled last block uses it.
+  """
   heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
@@ -87,30 +125,30 @@ class Attention(nn.Module):
   impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, query_index=None):
     width = x.shape[-1]
     if width % self.heads:
       raise ValueError(f"width {width} is not divisible by heads {self.heads}")
     head_dim = width // self.heads
-    # nn.Einsum, not nn.DenseGeneral: DenseGeneral initialises a flattened kernel and applies
-    # the 4-d logical constraint to it, which fails (also in apply's shape check) under a mesh.
-    qkv = nn.Einsum(
-        (width, 3, self.heads, head_dim), "btd,dchk->btchk", dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(normal(self.qkv_std),
-                                                 ("embed", "qkv", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("qkv", "heads", "kv")),
-        name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    proj = FusedQKV(self.heads, head_dim, self.dtype, self.param_dtype, self.qkv_std, name="qkv")
+    if query_index is None:
+      qkv = proj(x)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      q_positions = None
+    else:
+      kv = proj.project(x, slice(1, 3))
+      k, v = kv[:, :, 0], kv[:, :, 1]
+      q = proj.project(take_rows(x, query_index), slice(0, 1))[:, :, 0]
+      q_positions = query_index[:, None]
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "seq", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "seq", "heads", "kv"))
-    if self.impl == "cudnn":
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="cudnn")
-    elif self.impl == "xla":
-      out = dot_product_attention(q, k, v, causal=self.causal)
-    else:
+    if self.impl not in ("xla", "cudnn"):
       raise ValueError(f"unknown attention_impl {self.impl!r}; known: xla, cudnn")
+    if self.impl == "cudnn" and query_index is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="cudnn")
+    else:  # One query per sequence is a [B, H, 1, T] product: no fused kernel needed.
+      out = dot_product_attention(q, k, v, causal=self.causal, q_positions=q_positions)
     out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
     out = nn.Einsum(
         (self.heads, head_dim, width), "bthk,hkd->btd", dtype=self.dtype,
@@ -121,13 +159,26 @@ class Attention(nn.Module):
     return checkpoint_name(out, "attn_out")
 
 
-def dot_product_attention(q, k, v, causal: bool):
-  """softmax(q k^T / sqrt(d)) v with float32 logits and softmax. q, k, v: [B, T, H, D]."""
+def take_rows(x, index):
+  """x[b, index[b]] for every b, keeping a length-1 sequence axis: [B, T, ...] -> [B, 1, ...]."""
+  index = index.reshape(index.shape[0], 1, *([1] * (x.ndim - 2)))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def dot_product_attention(q, k, v, causal: bool, q_positions=None):
+  """softmax(q k^T / sqrt(d)) v with float32 logits and softmax. q: [B, Tq, H, D], k, v: [B, T, H, D].
+
+  `q_positions` ([B, Tq] ints, default 0..Tq-1) are the queries' places in the sequence, which
+  the causal mask needs when the queries are a subset of it.
+  """
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if causal:
-    t = q.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+    tq, tk = q.shape[1], k.shape[1]
+    if q_positions is None:
+      mask = jnp.tril(jnp.ones((tq, tk), dtype=bool))
+    else:  # [B, 1, Tq, Tk]
+      mask = (jnp.arange(tk)[None, None, :] <= q_positions[:, :, None])[:, None]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -157,7 +208,13 @@ class MLP(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-  """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)). Scan-compatible (carry, _) signature."""
+  """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)). Scan-compatible (carry, _) signature.
+
+  With `pool_index` ([B] ints) the block computes and returns only that token's row of its
+  output ([B, 1, D]): keys and values from every token, the query, residual, ln_2 and MLP
+  from that row alone. The row equals the full block's (attention mixes tokens only through
+  k and v).
+  """
   heads: int
   mlp_ratio: float = 4.0
   causal: bool = False
@@ -169,7 +226,7 @@ class ResidualBlock(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, _=None):
+  def __call__(self, x, _=None, pool_index=None):
     width = x.shape[-1]
     # OpenAI's initialisation of the text transformer, used for both towers.
     attn_std = width ** -0.5
@@ -178,8 +235,8 @@ class ResidualBlock(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
     y = LayerNorm(self.ln_eps, self.dtype, self.param_dtype, name="ln_1")(x)
     y = Attention(self.heads, self.causal, self.dtype, self.param_dtype, attn_std, proj_std,
-                  self.attention_impl, name="attn")(y)
-    x = x + y
+                  self.attention_impl, name="attn")(y, pool_index)
+    x = (x if pool_index is None else take_rows(x, pool_index)) + y
     y = LayerNorm(self.ln_eps, self.dtype, self.param_dtype, name="ln_2")(x)
     y = MLP(int(width * self.mlp_ratio), self.act, self.dtype, self.param_dtype, fc_std, proj_std,
             name="mlp")(y)
@@ -193,6 +250,12 @@ class Transformer(nn.Module):
 
   Scanned params live under `resblocks`; unscanned under `resblocks_0` ... `resblocks_{L-1}`.
   `clip_jax.models.params.scan_params` / `unscan_params` convert between the two.
+
+  `pool_index` ([B] ints): both towers keep one token (CLS, end-of-text) of the last block;
+  the call returns that token's row, [B, D]. Unscanned, the last block computes only that
+  row (see ResidualBlock: ~1/L fewer FLOPs for the tower). Scanned, all layers run in full:
+  on XLA:CPU both ways of running the last layer apart (a scan over sliced params, or an
+  `nn.cond` on the last iteration) cost more in copies than the FLOPs they save.
   """
   layers: int
   heads: int
@@ -207,7 +270,7 @@ class Transformer(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, pool_index=None):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
@@ -222,7 +285,8 @@ class Transformer(nn.Module):
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(**kwargs, name="resblocks")(x, None)
-    else:
-      for i in range(self.layers):
-        x, _ = block_cls(**kwargs, name=f"resblocks_{i}")(x, None)
-    return x
+      return x if pool_index is None else take_rows(x, pool_index)[:, 0]
+    for i in range(self.layers):
+      last = pool_index is not None and i == self.layers - 1
+      x, _ = block_cls(**kwargs, name=f"resblocks_{i}")(x, None, pool_index if last else None)
+    return x if pool_index is None else x[:, 0]

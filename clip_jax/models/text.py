@@ -27,13 +27,13 @@ class TextTransformer(nn.Module):
                           (tcfg.context_length, width), param_dtype, ("pos", "embed"))
     x = x + pos.astype(dtype)[None]
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-    x = Transformer(tcfg.layers, tcfg.heads, tcfg.mlp_ratio, causal=True, act=cfg.act,
-                    ln_eps=cfg.ln_eps, dtype=dtype, param_dtype=param_dtype,
-                    scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
-                    attention_impl=cfg.attention_impl, name="transformer")(x)
-    # The end-of-text token has the largest id, so argmax finds it (as in openai/CLIP).
+    # The end-of-text token has the largest id, so argmax finds it (as in openai/CLIP); the
+    # last block computes that token's row only.
     eot = jnp.argmax(tokens, axis=-1)
-    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+    pooled = Transformer(tcfg.layers, tcfg.heads, tcfg.mlp_ratio, causal=True, act=cfg.act,
+                         ln_eps=cfg.ln_eps, dtype=dtype, param_dtype=param_dtype,
+                         scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+                         attention_impl=cfg.attention_impl, name="transformer")(x, pool_index=eot)
     pooled = LayerNorm(cfg.ln_eps, jnp.float32, param_dtype, name="ln_final")(pooled)
     proj = param_with_axes(self, "text_projection", normal(width ** -0.5),
                            (width, cfg.embed_dim), param_dtype, ("embed", "proj"))
