@@ -34,15 +34,16 @@ MALLOC_RETAIN_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <<
                      "MALLOC_ARENA_MAX": "1"}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--model", default="vitb32", choices=("vitb32", "vitb16", "vitl14", "tiny"))
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--loss_impl", default="global", choices=("global", "chunked"))
-  p.add_argument("--remat_policy", default="none")
+  p.add_argument("--remat_policy", default=None,
+                 help="default: the model's recipe (configs/MODEL.py), 'none' for tiny")
   p.add_argument("--scan_layers", dest="scan_layers", action="store_true", default=True)
   p.add_argument("--noscan_layers", dest="scan_layers", action="store_false")
   p.add_argument("--threads", type=int, default=0,
@@ -50,7 +51,11 @@ def parse_args(argv=None):
   p.add_argument("--peer", default="", choices=("", "torch"))
   p.add_argument("--malloc_retain", action="store_true",
                  help="re-run under MALLOC_RETAIN_ENV (both sides: they share the process)")
-  return p.parse_args(argv)
+  return p
+
+
+def parse_args(argv=None):
+  return build_parser().parse_args(argv)
 
 
 def reexec_with_malloc_retain() -> None:
@@ -77,9 +82,22 @@ def pin_threads(threads: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def recipe_remat_policy(model: str) -> str:
+  """The remat policy of the model's training recipe (configs/MODEL.py), else the default."""
+  import importlib
+  try:
+    recipe = importlib.import_module(f"configs.{model}").get_config()
+  except ModuleNotFoundError:
+    from configs.common import get_config
+    recipe = get_config()
+  return recipe.remat_policy
+
+
 def run_config(args):
   from configs.common import get_config
   c = get_config()
+  if args.remat_policy is None:
+    args.remat_policy = recipe_remat_policy(args.model)
   c.model, c.batch_size, c.total_steps = args.model, args.batch, 1000
   c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
   c.dtype, c.loss_impl = args.dtype, args.loss_impl
@@ -129,6 +147,8 @@ def build_ours(args):
   def step():
     holder["state"], metrics = compiled(holder["state"], batch)
     return float(metrics["loss"])  # Waits for the step and fetches one scalar, as a trainer would.
+
+  step.hlo_text = compiled.as_text()  # for benchmarks/step_profile.py
 
   return step, compile_s, model_config, (images, tokens)
 
