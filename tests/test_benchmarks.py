@@ -40,3 +40,17 @@ def test_compile_time_prints_one_line_per_case():
   rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
   assert [(r["model"], r["scan_layers"]) for r in rows] == [("tiny", True), ("tiny", False)]
   assert all(r["total_s"] >= r["compile_s"] > 0 for r in rows)
+
+
+def test_step_profile_sums_the_trace_per_op():
+  result = _last_json("benchmarks/step_profile.py", "--model", "tiny", "--batch", "4", "--steps",
+                      "1", "--warmup", "1", "--top", "5")
+  assert result["source"] == "cpu" and result["steps"] == 1
+  categories = result["categories"]
+  # Every matmul of the step is an op with a dot inside; the rest is named by op kind.
+  assert categories["matmul"] > 0 and len(categories) > 3
+  assert result["op_s_per_step"] >= categories["matmul"]
+  assert len(result["top_ops"]) == 5
+  assert all(op["s_per_step"] > 0 and op["calls_per_step"] > 0 for op in result["top_ops"])
+  matmuls = [op for op in result["top_ops"] if op["category"] == "matmul"]
+  assert all(op["gflops_per_s"] > 0 and op["shape"] for op in matmuls)
