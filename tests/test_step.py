@@ -131,6 +131,20 @@ def test_train_step_lit_clamp_and_metrics(host_batch):
   assert all(changed)
 
 
+@pytest.mark.parametrize("mesh_axes", [{"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_fsdp_step_has_no_involuntary_full_rematerialization(host_batch, mesh_axes, capfd):
+  """XLA's SPMD partitioner warns (on stderr, from C++) when a sharding change makes it
+  replicate a whole array; the token-embedding lookup did so before it gathered its table."""
+  c = config(mesh=mesh_axes)
+  mesh = mesh_for(c)
+  state, shardings = st.abstract_train_state(c, mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh))
+           for k, v in host_batch.items()}
+  capfd.readouterr()
+  st.make_train_step(c, mesh, shardings).lower(state, batch).compile()
+  assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
 def test_create_train_state_sharded_and_from_params():
   c = config(mesh={"data": 2, "fsdp": 4})
   mesh = mesh_for(c)

@@ -22,6 +22,10 @@ class TextTransformer(nn.Module):
     width = tcfg.width
     embedding = param_with_axes(self, "token_embedding", normal(0.02),
                                 (tcfg.vocab_size, width), param_dtype, ("vocab", "embed"))
+    # Gather the (fsdp-sharded) table before the lookup, as FSDP does for every weight: a
+    # lookup into an embed-sharded table gives embed-sharded rows, which XLA can only turn
+    # into batch-sharded activations by replicating them ("involuntary full remat").
+    embedding = nn.with_logical_constraint(embedding, (None, None))
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)
     pos = param_with_axes(self, "positional_embedding", normal(0.01),
                           (tcfg.context_length, width), param_dtype, ("pos", "embed"))
