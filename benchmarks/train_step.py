@@ -9,9 +9,9 @@ float32 matmul measured in the same run; on GPU/TPU it is the chip's published b
 
 `--peer torch` builds the same architecture in PyTorch (transformers' CLIPModel, quick_gelu,
 AdamW with the same hyper-parameters, the same symmetric contrastive loss, float32) and
-times it alternately with ours, step by step, so both see the same machine load; the line
-then carries peer_samples_per_s and ratio (clip_jax / peer). Both sides are pinned to the
-same `--threads` cores. `--malloc_retain` restarts the script with glibc settings that
+times it alternately with ours, `--block` steps at a time, so both see the same machine
+load; the line then carries peer_samples_per_s and ratio (clip_jax / peer). Both sides are
+pinned to the same `--threads` cores. `--malloc_retain` restarts the script with glibc settings that
 stop per-step page faults of XLA's fresh CPU buffers (see MALLOC_RETAIN_ENV).
 """
 from __future__ import annotations
@@ -38,8 +38,12 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--model", default="vitb32", choices=("vitb32", "vitb16", "vitl14", "tiny"))
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed rounds (after warm-up); each times --block steps of each side")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--block", type=int, default=2,
+                 help="consecutive steps per timing (each side), so work a step does after its "
+                      "outputs are ready lands in the same timing")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--loss_impl", default="global", choices=("global", "chunked"))
   p.add_argument("--remat_policy", default=None,
@@ -228,10 +232,19 @@ def build_peer(model_config, batch_size: int, images, tokens, threads: int):
 # ---------------------------------------------------------------------------------------
 
 
-def timed(fn):
+# Pause before each timed block: some of a step's work goes on for up to ~0.2 s after its
+# outputs are ready (we believe XLA:CPU freeing its temporaries); without the pause it slows
+# whatever is timed next (the first 2048^3 matmul after a ViT-B/32 step ran at half speed).
+SETTLE_S = 0.3
+
+
+def timed(fn, block: int = 1):
+  """Seconds per call of `block` back-to-back calls, after a settling pause."""
+  time.sleep(SETTLE_S)
   start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
+  for _ in range(block):
+    fn()
+  return (time.perf_counter() - start) / block
 
 
 def main(argv=None):
@@ -255,14 +268,16 @@ def main(argv=None):
     step()
     if peer_step:
       peer_step()
-  # Interleaved rounds: each round times the peak matmul, our step and the peer's step.
+  # Interleaved rounds: each round times the peak matmul, `block` steps of ours and `block`
+  # of the peer's, each after a pause (SETTLE_S).
   ours, peer, peak = [], [], []
   for _ in range(args.steps):
     if peak_sample:
+      time.sleep(SETTLE_S)
       peak.append(peak_sample())
-    ours.append(timed(step))
+    ours.append(timed(step, args.block))
     if peer_step:
-      peer.append(timed(peer_step))
+      peer.append(timed(peer_step, args.block))
 
   step_time = statistics.median(ours)
   flops = train_flops_per_step(model_config, args.batch)
@@ -272,7 +287,8 @@ def main(argv=None):
   else:
     peak_tflops, device = accelerator_peak_tflops()
   result = {
-      "model": args.model, "batch": args.batch, "steps": args.steps, "dtype": args.dtype,
+      "model": args.model, "batch": args.batch, "steps": args.steps, "block": args.block,
+      "dtype": args.dtype,
       "loss_impl": args.loss_impl, "remat_policy": args.remat_policy,
       "scan_layers": args.scan_layers, "threads": threads, "device": device,
       "samples_per_s": round(args.batch / step_time, 3),
