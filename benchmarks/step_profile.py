@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # train_step adds the repo root
 # Read when XLA's CPU backend starts: every thunk becomes a trace event.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_cpu_enable_xprof_traceme=true").strip()
@@ -49,7 +48,7 @@ def main(argv=None):
     step()
     times.append(time.perf_counter() - start)
   jax.profiler.stop_trace()
-  summary = summarize_trace(trace_dir, step.hlo_text, steps=args.steps, top=args.top)
+  summary = summarize_trace(trace_dir, step.compiled.as_text(), steps=args.steps, top=args.top)
   for name, secs in summary["categories"].items():
     print(f"{secs:8.4f} s  {name}")
   print("---- top ops (s/step, calls/step, shape, GFLOP/s)")

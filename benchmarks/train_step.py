@@ -11,8 +11,8 @@ float32 matmul measured in the same run; on GPU/TPU it is the chip's published b
 AdamW with the same hyper-parameters, the same symmetric contrastive loss, float32) and
 times it alternately with ours, `--block` steps at a time, so both see the same machine
 load; the line then carries peer_samples_per_s and ratio (clip_jax / peer). Both sides are
-pinned to the same `--threads` cores. `--malloc_retain` restarts the script with glibc settings that
-stop per-step page faults of XLA's fresh CPU buffers (see MALLOC_RETAIN_ENV).
+pinned to the same `--threads` cores. `--malloc_retain` restarts the script with glibc
+settings that stop per-step page faults of XLA's fresh CPU buffers (see MALLOC_RETAIN_ENV).
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def build_ours(args):
     holder["state"], metrics = compiled(holder["state"], batch)
     return float(metrics["loss"])  # Waits for the step and fetches one scalar, as a trainer would.
 
-  step.hlo_text = compiled.as_text()  # for benchmarks/step_profile.py
+  step.compiled = compiled  # benchmarks/step_profile.py reads its HLO
 
   return step, compile_s, model_config, (images, tokens)
 

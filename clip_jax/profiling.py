@@ -81,11 +81,10 @@ _SHAPE = r"[a-z]+\d*\[([\d,]*)\]"
 
 
 def _hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
-  """name -> (output dims, opcode, rest of the line) for every HLO instruction."""
+  """name -> (output dims, opcode, the whole line) for every HLO instruction."""
   import re
-  pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = " + _SHAPE + r"\S* ([\w\-]+)\((.*)$",
-                       re.M)
-  return {m.group(1): (m.group(2), m.group(3), m.group(4)) for m in pattern.finditer(hlo_text)}
+  pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = " + _SHAPE + r"\S* ([\w\-]+)\(.*$", re.M)
+  return {m.group(1): (m.group(2), m.group(3), m.group(0)) for m in pattern.finditer(hlo_text)}
 
 
 def _computations(hlo_text: str) -> dict[str, str]:
@@ -158,11 +157,11 @@ def summarize_trace(trace_dir: str, hlo_text: str = "", steps: int = 1, top: int
   for name, secs in seconds.items():
     shape, opcode, flops = None, None, 0
     if name in instructions:
-      dims, opcode, rest = instructions[name]
+      dims, opcode, line = instructions[name]
       shape = _dims(dims)
-      called = re.search(r"calls=%?([\w.\-]+)", rest)
+      called = re.search(r"calls=%?([\w.\-]+)", line)
       if opcode == "dot":
-        flops = _dot_flops(f"{name} = f32[{dims}] dot({rest}", instructions)
+        flops = _dot_flops(line, instructions)
       elif called and called.group(1) in computations:
         flops = _dot_flops(computations[called.group(1)], instructions)
     per_step_calls = calls[name] / steps

@@ -1,4 +1,5 @@
 """The model's shapes, sizes, FLOPs and numerical options (parity with PyTorch: test_parity.py)."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +105,7 @@ def test_pooled_last_block_equals_full_stack_then_pick(causal, scan_layers, rema
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(3, 11, 32)).astype(np.float32))
   index = jnp.asarray([10, 0, 6])
-  params = nn_unbox(layer.init(jax.random.PRNGKey(0), x, index))
+  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), x, index))
 
   def full(p, x):
     return jnp.take_along_axis(layer.apply(p, x), index[:, None, None], axis=1)[:, 0]
@@ -122,11 +123,6 @@ def test_pooled_last_block_equals_full_stack_then_pick(causal, scan_layers, rema
       return jax.jit(fn).lower(params, x).compile().cost_analysis()["flops"]
     # The last of 3 layers keeps its k/v projection and scores for one query: well under 3/3.
     assert flops(pooled) < 0.8 * flops(full)
-
-
-def nn_unbox(tree):
-  import flax.linen as nn
-  return nn.meta.unbox(tree)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
