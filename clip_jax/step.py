@@ -254,17 +254,28 @@ def make_train_step(config, mesh: Mesh, state_shardings) -> Callable:
   tx = make_optimizer(config)
   schedule = make_schedule(config)
 
+  log_update_norm = bool(config.get("log_update_norm", False))
+
   def step_fn(state: TrainState, batch):
     loss, metrics, grads = loss_and_grad(state.params, batch["images"], batch["tokens"])
+    # The norms read trees that exist anyway (the gradients, the new parameters) behind
+    # optimization barriers. Without them XLA shares g*g between the gradient norm and Adam's
+    # second moment and writes it out, and the parameter norm recomputes the update: on
+    # XLA:CPU the three norms cost 8% of a ViT-B/32 step, with the barriers ~0.
+    grad_norm = optax.global_norm(grads)
+    grads, grad_norm = jax.lax.optimization_barrier((grads, grad_norm))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    extra = {}
+    if log_update_norm:  # Writes the whole update out on XLA:CPU (~5% of a ViT-B/32 step).
+      extra["update_norm"] = optax.global_norm(updates)
     params = optax.apply_updates(state.params, updates)
     # CLIP clamps the temperature so logits never exceed 100.
     params = dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX))
-    metrics = dict(metrics, loss=loss,
+    params = jax.lax.optimization_barrier(params)
+    metrics = dict(metrics, **extra, loss=loss,
                    logit_scale=jnp.exp(state.params["logit_scale"]),
-                   grad_norm=optax.global_norm(grads),
+                   grad_norm=grad_norm,
                    param_norm=optax.global_norm(params),
-                   update_norm=optax.global_norm(updates),
                    learning_rate=schedule(state.step))
     if "logit_bias" in state.params:
       metrics["logit_bias"] = state.params["logit_bias"]

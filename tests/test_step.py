@@ -8,6 +8,7 @@ import pytest
 from clip_jax import sharding as shd
 from clip_jax import step as st
 from clip_jax.models import count_params, create_model, init_params
+from clip_jax.optim import make_optimizer
 from configs.common import get_config
 
 B = 16
@@ -114,8 +115,7 @@ def test_train_step_lit_clamp_and_metrics(host_batch):
   train_step = st.make_train_step(c, mesh, shardings)
   state, metrics = train_step(state, on_mesh(host_batch, mesh))
   assert set(metrics) == {"loss", "i2t_top1", "t2i_top1", "logit_scale", "logit_bias", "grad_norm",
-                          "param_norm", "update_norm", "pos_logit_mean", "neg_logit_mean",
-                          "learning_rate"}
+                          "param_norm", "pos_logit_mean", "neg_logit_mean", "learning_rate"}
   assert int(state.step) == 1
   assert float(metrics["logit_scale"]) == pytest.approx(math.exp(5.0), rel=1e-5)
   assert float(state.params["logit_scale"]) == pytest.approx(math.log(100), rel=1e-6)
@@ -129,6 +129,31 @@ def test_train_step_lit_clamp_and_metrics(host_batch):
   changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
       jax.tree_util.tree_leaves(before["text"]), jax.tree_util.tree_leaves(state.params["text"]))]
   assert all(changed)
+
+
+def global_norm(tree):
+  return math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                       for x in jax.tree_util.tree_leaves(tree)))
+
+
+@pytest.mark.parametrize("grad_clip_norm", [0.0, 0.5])
+def test_step_norm_metrics(host_batch, grad_clip_norm):
+  """The norms the step logs (computed behind optimization barriers) are those of the
+  gradients, the new parameters and the update (log_update_norm)."""
+  c = config(mesh={"data": 2, "fsdp": 4}, log_update_norm=True)
+  c.optimizer.grad_clip_norm = grad_clip_norm
+  mesh = mesh_for(c)
+  params = host_params(c)
+  state, shardings = st.create_train_state(c, mesh, jax.random.PRNGKey(0), params=params)
+  _, _, grads = st.make_grad_fn(c, mesh, shardings.params)(state.params, on_mesh(host_batch, mesh))
+  updates, _ = make_optimizer(c).update(grads, state.opt_state, state.params)
+  grads, updates = jax.device_get((grads, updates))
+  state, metrics = st.make_train_step(c, mesh, shardings)(state, on_mesh(host_batch, mesh))
+  assert float(metrics["grad_norm"]) == pytest.approx(global_norm(grads), rel=1e-5)
+  assert float(metrics["update_norm"]) == pytest.approx(global_norm(updates), rel=1e-5)
+  assert float(metrics["param_norm"]) == pytest.approx(global_norm(state.params), rel=1e-5)
+  if grad_clip_norm:  # Clipped gradients make a smaller update than unclipped ones would.
+    assert global_norm(grads) > grad_clip_norm
 
 
 @pytest.mark.parametrize("mesh_axes", [{"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}])
