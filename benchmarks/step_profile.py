@@ -35,20 +35,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   threads = train_step.pin_threads(args.threads)
   import jax
-  from clip_jax.profiling import summarize_trace
 
   step, compile_s, _, _ = train_step.build_ours(args)
   for _ in range(max(args.warmup, 1)):
     step()
-  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="clip_jax_step_profile_")
-  times = []
-  jax.profiler.start_trace(trace_dir)
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  jax.profiler.stop_trace()
-  summary = summarize_trace(trace_dir, step.compiled.as_text(), steps=args.steps, top=args.top)
+  times, summary = profile(step, args.steps, args.trace_dir, args.top)
   for name, secs in summary["categories"].items():
     print(f"{secs:8.4f} s  {name}")
   print("---- top ops (s/step, calls/step, shape, GFLOP/s)")
@@ -62,6 +53,22 @@ def main(argv=None):
             **summary}
   print(json.dumps(result), flush=True)
   return result
+
+
+def profile(step, steps: int, trace_dir: str = "", top: int = 25):
+  """(seconds of each step, summarize_trace's summary) for `steps` traced calls of `step`
+  (train_step.build_ours's, already warm)."""
+  import jax
+  from clip_jax.profiling import summarize_trace
+  trace_dir = trace_dir or tempfile.mkdtemp(prefix="clip_jax_step_profile_")
+  times = []
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  jax.profiler.stop_trace()
+  return times, summarize_trace(trace_dir, step.compiled.as_text(), steps=steps, top=top)
 
 
 if __name__ == "__main__":

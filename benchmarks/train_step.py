@@ -46,6 +46,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
                       "outputs are ready lands in the same timing")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--loss_impl", default="global", choices=("global", "chunked"))
+  p.add_argument("--attention_impl", default="xla", choices=("xla", "cudnn"))
   p.add_argument("--remat_policy", default=None,
                  help="default: the model's recipe (configs/MODEL.py), 'none' for tiny")
   p.add_argument("--scan_layers", dest="scan_layers", action="store_true", default=True)
@@ -104,7 +105,7 @@ def run_config(args):
     args.remat_policy = recipe_remat_policy(args.model)
   c.model, c.batch_size, c.total_steps = args.model, args.batch, 1000
   c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-  c.dtype, c.loss_impl = args.dtype, args.loss_impl
+  c.dtype, c.loss_impl, c.attention_impl = args.dtype, args.loss_impl, args.attention_impl
   c.remat_policy, c.scan_layers = args.remat_policy, args.scan_layers
   c.optimizer.warmup_steps = 10
   return c
@@ -251,7 +252,13 @@ def main(argv=None):
   args = parse_args(argv)
   if args.malloc_retain:
     reexec_with_malloc_retain()
-  threads = pin_threads(args.threads)
+  result, _ = run(args, pin_threads(args.threads))
+  print(json.dumps(result), flush=True)
+  return result
+
+
+def run(args, threads: int):
+  """(the JSON result, our step()) for parsed `args`; step.compiled is the compiled step."""
   import jax
   from clip_jax.models.flops import train_flops_per_step
 
@@ -289,7 +296,8 @@ def main(argv=None):
   result = {
       "model": args.model, "batch": args.batch, "steps": args.steps, "block": args.block,
       "dtype": args.dtype,
-      "loss_impl": args.loss_impl, "remat_policy": args.remat_policy,
+      "loss_impl": args.loss_impl, "attention_impl": args.attention_impl,
+      "remat_policy": args.remat_policy,
       "scan_layers": args.scan_layers, "threads": threads, "device": device,
       "samples_per_s": round(args.batch / step_time, 3),
       "step_time_s": round(step_time, 4),
@@ -311,8 +319,7 @@ def main(argv=None):
                   # Per-round ratios: robust to load changing between rounds.
                   ratio_median_of_rounds=round(statistics.median(
                       p / o for p, o in zip(peer, ours)), 3))
-  print(json.dumps(result), flush=True)
-  return result
+  return result, step
 
 
 if __name__ == "__main__":

@@ -54,3 +54,25 @@ def test_step_profile_sums_the_trace_per_op():
   assert all(op["s_per_step"] > 0 and op["calls_per_step"] > 0 for op in result["top_ops"])
   matmuls = [op for op in result["top_ops"] if op["category"] == "matmul"]
   assert all(op["gflops_per_s"] > 0 and op["shape"] for op in matmuls)
+
+
+def test_accelerator_run_fits_a_batch_without_the_data_stack(tmp_path):
+  """benchmarks/accelerator.py (the prepared GPU/TPU run) on CPU with a pretend memory size:
+  the batch it picks fits its estimate, the step runs and is profiled, and it needs neither
+  torch nor the data stack (the device image has neither grain nor tensorflow-datasets)."""
+  blocked = ("grain", "tensorflow_datasets", "tensorflow", "torch", "transformers")
+  argv = ["benchmarks/accelerator.py", "--models", "tiny", "--memory_gb", "0.15", "--steps", "1",
+          "--warmup", "1", "--profile_steps", "1", "--probe_batch", "8", "--batch_multiple", "8",
+          "--out", str(tmp_path)]
+  code = (f"import sys, runpy\nfor m in {blocked!r}: sys.modules[m] = None\n"
+          f"sys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+  summary = _last_json("-c", code)
+  assert summary["platform"] == "cpu" and summary["results"][0]["error"] is None
+  (record,) = [json.loads(line) for line in (tmp_path / "accelerator.jsonl").read_text().splitlines()]
+  fit = record["memory_fit"]
+  assert record["batch"] == fit["batch"] and fit["batch"] % 8 == 0 and fit["batch"] >= 8
+  # The largest multiple of 8 within 90% of 0.15 GiB by the linear estimate.
+  usable = 0.9 * 0.15
+  assert fit["estimated_gib"] <= usable < fit["estimated_gib"] + 8 * fit["per_sample_gib"] + 1e-3
+  assert record["dtype"] == "bfloat16" and record["samples_per_s"] > 0
+  assert record["profile"]["categories"]["matmul"] > 0
