@@ -119,7 +119,10 @@ class MetricsWriter:
       path = epath.Path(self.jsonl_path)
       self._remote_records = read_jsonl(path) if path.exists() else []
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+    # A resumed run re-logs the steps after its checkpoint: TensorBoard hides the earlier
+    # run's events from purge_step on (a SessionLog.START event), as rewind_jsonl drops them.
+    self._tb = SummaryWriter(logdir=workdir, flush_secs=30,
+                             purge_step=start_step + 1 if start_step else None)
     if wandb_config and wandb_config.get("project"):
       try:
         import wandb  # pylint: disable=g-import-not-at-top

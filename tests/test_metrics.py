@@ -1,6 +1,7 @@
 """metrics.jsonl, TensorBoard events (read back by TensorBoard itself), MFU and the peak table."""
 import json
 import math
+import time
 
 import pytest
 
@@ -22,11 +23,11 @@ def test_mfu_closed_form():
   assert metrics_lib.model_flops_utilization(1e15, 0.5, 8, "cpu") is None
 
 
-def _write_run(workdir, steps, start_step=0):
+def _write_run(workdir, steps, start_step=0, loss_scale=1.0):
   writer = metrics_lib.MetricsWriter(str(workdir), total_steps=10, start_step=start_step,
                                      progress_bar=False)
   for step in steps:
-    writer.write(step, {"loss": 1.0 / step, "learning_rate": 1e-3 * step, "logit_scale": 14.3,
+    writer.write(step, {"loss": loss_scale / step, "learning_rate": 1e-3 * step, "logit_scale": 14.3,
                         "samples_per_s": 100.0, "step_time_s": 0.1, "grad_norm": 2.0,
                         "data/skipped_samples": 0})
   writer.write(steps[-1], {"eval/synthetic/top1": 0.5})
@@ -51,11 +52,19 @@ def test_jsonl_and_tensorboard_carry_named_keys(tmp_path):
   assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1 / 3])
 
 
-def test_resume_rewinds_the_jsonl(tmp_path):
+def test_resume_rewinds_the_jsonl_and_tensorboard(tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   _write_run(tmp_path, [1, 2, 3, 4])
-  _write_run(tmp_path, [3, 4, 5], start_step=2)  # resumed from the step-2 checkpoint
+  time.sleep(1.05)  # tensorboardX names event files by the second; a restart takes longer
+  _write_run(tmp_path, [3, 4, 5], start_step=2, loss_scale=10.0)  # resumed at step 2
   steps = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
   assert steps == [1, 2, 3, 4, 5]
+  # TensorBoard shows each step once: the first run's steps 3 and 4 are purged.
+  events = EventAccumulator(str(tmp_path))
+  events.Reload()
+  loss = events.Scalars("loss")
+  assert [e.step for e in loss] == [1, 2, 3, 4, 5]
+  assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 10 / 3, 10 / 4, 10 / 5])
 
 
 def test_non_finite_values_are_strict_json_nulls(tmp_path):
