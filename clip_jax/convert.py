@@ -4,7 +4,8 @@
   python -m clip_jax.convert --source hf --input model.safetensors --output /ckpt/b32
 
 Reads OpenAI TorchScript archives, plain PyTorch state dicts (.pt/.pth/.bin, loaded with
-`weights_only=True`, so no arbitrary object is ever unpickled) and .safetensors files; writes
+`weights_only=True`, so no arbitrary object is ever unpickled), .safetensors files and
+sharded Hugging Face checkpoints (`*.index.json` and the shards its weight_map lists); writes
 `DIR/model_config.json` + `DIR/params/` (see `clip_jax.inference.save_params`), atomically.
 
 Two key layouts are understood: OpenAI's (also open_clip's: `visual.conv1.weight`,
@@ -91,11 +92,36 @@ def _unwrap(obj, path) -> dict:
   return obj
 
 
+def read_sharded(index_path: pathlib.Path) -> dict[str, np.ndarray]:
+  """The state dict of a sharded checkpoint: every shard named in the index's weight_map."""
+  try:
+    weight_map = json.loads(index_path.read_text()).get("weight_map")
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise ValueError(f"--input {index_path} is not a sharded checkpoint index: {e}") from e
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"--input {index_path} has no weight_map (a sharded checkpoint index maps "
+                     "each tensor name to its shard file)")
+  state = {}
+  for shard in sorted(set(weight_map.values())):
+    shard_path = index_path.parent / shard
+    if not shard_path.is_file():
+      raise ValueError(f"{index_path}: shard {shard} (in its weight_map) is missing")
+    state.update(read_state_dict(shard_path))
+  missing = sorted(k for k in weight_map if k not in state)
+  if missing:
+    raise ValueError(f"{index_path}: {len(missing)} tensors of its weight_map are in none of "
+                     f"its shards, e.g. {missing[:3]}")
+  return state
+
+
 def read_state_dict(path) -> dict[str, np.ndarray]:
-  """{name: numpy array} from a .safetensors file, a TorchScript archive or a torch.save file."""
+  """{name: numpy array} from a .safetensors file, a TorchScript archive, a torch.save file or
+  a sharded checkpoint's index (*.index.json)."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ValueError(f"--input {path} is not a file")
+  if path.name.endswith(".index.json"):
+    return read_sharded(path)
   if path.suffix == ".safetensors":
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     state = {}
@@ -526,8 +552,9 @@ def convert_state_dict(state: dict, *, source: str, model: Optional[str] = None,
 
 
 # The weights file inside a Hugging Face / open_clip model dir, in order of preference.
-_DIR_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
-                "open_clip_pytorch_model.bin")
+_DIR_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",
+                "open_clip_model.safetensors", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin")
 
 
 def weights_in_dir(path) -> Optional[pathlib.Path]:
@@ -581,7 +608,8 @@ def main(argv=None) -> int:
       description="Convert OpenAI / open_clip / Hugging Face CLIP weights to clip_jax.")
   parser.add_argument("--source", required=True, choices=SOURCES)
   parser.add_argument("--input", required=True,
-                      help=".pt/.pth/.bin/.safetensors file, TorchScript archive, or HF model dir")
+                      help=".pt/.pth/.bin/.safetensors file, TorchScript archive, sharded "
+                           "checkpoint index (*.index.json), or HF model dir")
   parser.add_argument("--output", required=True, help="checkpoint dir to create")
   parser.add_argument("--model", choices=sorted(MODEL_CONFIGS),
                       help="variant to check against (default: inferred from the shapes)")

@@ -67,6 +67,23 @@ def test_hf_safetensors_with_config_json(small, tmp_path):
   assert_close(clip_jax.load(tmp_path / "hf").encode_image(images), ref["image"])
 
 
+def test_hf_sharded_checkpoint(small, tmp_path):
+  # Large HF models are saved in shards with model.safetensors.index.json naming each
+  # tensor's shard: the dir, or the index itself, converts as the single file would.
+  model, images, tokens, ref = small
+  model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="1MB")
+  index = tmp_path / "hf" / "model.safetensors.index.json"
+  shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+  assert index.is_file() and len(shards) > 1 and not (tmp_path / "hf" / "model.safetensors").exists()
+  _convert(["--source", "hf", "--input", str(tmp_path / "hf")], tmp_path / "out")
+  clip = _check(tmp_path / "out", images, tokens, ref)
+  assert clip.config.name == "tiny"  # config.json beside the index was read
+  assert_close(clip_jax.load(index).encode_text(tokens), ref["text"])
+  shards[-1].unlink()
+  with pytest.raises(ValueError, match=f"shard {shards[-1].name} .* is missing"):
+    convert.convert_file(tmp_path / "hf", source="hf")
+
+
 def test_hf_bin_with_model_name(small, tmp_path):
   model, images, tokens, ref = small
   torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
