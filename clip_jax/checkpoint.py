@@ -110,9 +110,10 @@ class Checkpointer:
     if data["process_count"] == jax.process_count():
       data_state = data["states"][jax.process_index()]
     else:
-      logging.warning("checkpoint has input state for %d processes, this run has %d: the input "
-                      "pipeline restarts instead of continuing exactly", data["process_count"],
-                      jax.process_count())
+      logging.warning("checkpoint has input state for %d processes, this run has %d: the "
+                      "input is rebuilt from the step count (synthetic and TFDS sources; a wds "
+                      "stream restarts) and its skipped-sample count restarts at 0",
+                      data["process_count"], jax.process_count())
     rng = jax.random.wrap_key_data(np.asarray(restored.rng["key_data"]))
     return restored.state, data_state, rng
 

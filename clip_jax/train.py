@@ -272,6 +272,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state, data_state, rng = checkpointer.restore(latest, abstract_state, state_shardings)
       if data_state is not None:
         train_iter.set_state(data_state)
+      elif config.data.source != "wds":  # Written by another number of processes.
+        train_iter.close()
+        train_iter = data_lib.make_train_iterator(config, sharding.batch_sharding(mesh),
+                                                  image_size=image_size, start_step=latest)
+        logging.info("input continues after the %d global batches of step %d (the checkpoint "
+                     "was written by another number of processes)", latest, latest)
       logging.info("resumed from %s at step %d", checkpointer.directory, latest)
     else:
       init_rng = jax.random.fold_in(rng, 0)

@@ -96,6 +96,46 @@ def test_two_processes_read_disjoint_parts_covering_the_epoch(tmp_path):
   assert {r for e, r in epoch1} == parts[0] and {e for e, _ in epoch1} == {1}
 
 
+def _rows(batches):
+  """The global batches' (image, tokens) rows as a sorted list: a set with multiplicity."""
+  return sorted(b["images"][i].tobytes() + b["tokens"][i].tobytes()
+                for b in batches for i in range(len(b["tokens"])))
+
+
+def _global_batches(config, process_count, steps, start_step=0):
+  """`steps` global batches (the processes' local batches in process order) from start_step."""
+  its = [pipeline.make_train_iterator(config, None, image_size=16, process_index=p,
+                                      process_count=process_count, start_step=start_step)
+         for p in range(process_count)]
+  batches = [[next(it) for it in its] for _ in range(steps)]
+  for it in its:
+    it.close()
+  return [{k: np.concatenate([b[k] for b in local]) for k in ("images", "tokens")}
+          for local in batches]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 4)])
+def test_resume_on_another_process_count_continues_the_stream(before, after):
+  # A checkpoint written by `before` processes, resumed by `after`: the per-process iterator
+  # states do not apply, so the stream restarts at the step's position. Every later global
+  # batch holds the samples an uninterrupted run would have read (rows in another order).
+  config = _config("synthetic")
+  uninterrupted = _global_batches(config, before, 5)
+  resumed = _global_batches(config, after, 2, start_step=3)
+  for want, got in zip(uninterrupted[3:], resumed):
+    assert _rows([want]) == _rows([got])
+  assert _rows(uninterrupted[3:4]) != _rows(uninterrupted[4:5])  # batches do differ
+  # Record sources start each process that far into its part of the epoch.
+  schedule = pipeline.RecordSchedule(11, seed=1, process_index=1, process_count=2, shuffle=True)
+  later = pipeline.RecordSchedule(11, seed=1, process_index=1, process_count=2, shuffle=True,
+                                  first_position=4)
+  assert [later[i] for i in range(8)] == [schedule[4 + i] for i in range(8)]
+  # A webdataset stream has no sample positions to start at.
+  with pytest.raises(ValueError, match="cannot start at a sample position"):
+    pipeline.build_dataset(_config("wds", path="x/{0..1}.tar"), image_size=16, local_batch=4,
+                           train=True, first_position=8)
+
+
 def test_per_process_batch_must_divide():
   config = _config()
   config.batch_size = 9

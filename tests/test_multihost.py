@@ -313,9 +313,23 @@ def test_two_process_checkpoint_resumes_in_a_one_device_run(runs, tmp_path):
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "at step 4" in result.stderr
+  assert "input continues after the 4 global batches" in result.stderr
   resumed = _metrics(workdir)
   assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
-  assert all(np.isfinite(m["loss"]) for m in resumed)
+  # The input continued where the 2-process run stopped: steps 5 and 6 see the batches
+  # (rows in another order) of the 1-process run resumed the same way, whose own iterator
+  # state applies, so the losses agree.
+  reference = tmp_path / "reference"
+  shutil.copytree(runs["single"], reference)
+  ref_cmd = _train_cmd(reference)
+  ref_cmd[ref_cmd.index("--config.total_steps=4")] = "--config.total_steps=6"
+  result = subprocess.run(ref_cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "input continues" not in result.stderr
+  want = [m["loss"] for m in _metrics(reference) if m["step"] in (5, 6)]
+  np.testing.assert_allclose([m["loss"] for m in resumed if m["step"] in (5, 6)], want,
+                             rtol=1e-4)
 
 
 @needs_trainer

@@ -112,20 +112,21 @@ class RecordSchedule:
   """
 
   def __init__(self, num_records: int, *, seed: int, process_index: int, process_count: int,
-               shuffle: bool, num_epochs: Optional[int] = None):
+               shuffle: bool, num_epochs: Optional[int] = None, first_position: int = 0):
     self._start = process_index * num_records // process_count
     self._count = (process_index + 1) * num_records // process_count - self._start
     if self._count == 0:
       raise ValueError(f"the dataset has {num_records} records, fewer than the "
                        f"{process_count} processes reading it")
     self._seed, self._shuffle = seed, shuffle
-    self._len = sys.maxsize if num_epochs is None else num_epochs * self._count
+    self._first = int(first_position)
+    self._len = sys.maxsize if num_epochs is None else num_epochs * self._count - self._first
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, position: int) -> tuple[int, int]:
-    epoch, i = divmod(int(position), self._count)
+    epoch, i = divmod(int(position) + self._first, self._count)
     if self._shuffle and self._count > 1:
       i = grain.experimental.index_shuffle(
           i, max_index=self._count - 1, seed=(self._seed + epoch) % 2**32, rounds=4)
@@ -133,10 +134,15 @@ class RecordSchedule:
 
 
 class SyntheticSchedule:
-  """Endless synthetic stream: process p takes sample indices p, p+P, p+2P, ..."""
+  """Endless synthetic stream: process p takes sample indices p, p+P, p+2P, ...
 
-  def __init__(self, process_index: int, process_count: int, num_examples: Optional[int] = None):
-    self._p, self._count = process_index, process_count
+  `first_position` skips that many of this process's samples, i.e. the stream starts at
+  global index first_position * P: how a run resumes on another number of processes.
+  """
+
+  def __init__(self, process_index: int, process_count: int, num_examples: Optional[int] = None,
+               first_position: int = 0):
+    self._p, self._count, self._first = process_index, process_count, int(first_position)
     self._len = sys.maxsize if num_examples is None else len(
         range(process_index, num_examples, process_count))
 
@@ -144,7 +150,7 @@ class SyntheticSchedule:
     return self._len
 
   def __getitem__(self, position: int) -> tuple[int, int]:
-    return 0, int(position) * self._count + self._p
+    return 0, (int(position) + self._first) * self._count + self._p
 
 
 class SyntheticLoader:
@@ -222,7 +228,7 @@ class CountSkipsIterDataset(grain.IterDataset):
 def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
                   process_index: int = 0, process_count: int = 1,
                   num_examples: Optional[int] = None,
-                  all_captions: bool = False) -> grain.IterDataset:
+                  all_captions: bool = False, first_position: int = 0) -> grain.IterDataset:
   """The grain IterDataset of local batches {"images", "tokens", "num_skipped"[, "labels"]}.
 
   "images" are uint8 [b, H, W, 3] (normalised later, by DataIterator / make_eval_iterator).
@@ -231,6 +237,8 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
   for the unlimited synthetic source), in order, center crop, last batch kept, labels added.
   all_captions (evaluation only): "captions" [b] object (tuples of str) instead of "tokens";
   the synthetic source gives config.data.captions_per_image (default 5) per image.
+  first_position (training on synthetic / TFDS): this process's stream starts that many
+  samples in (see make_train_iterator's start_step).
   """
   data = config.data
   seed = int(config.seed)
@@ -245,7 +253,8 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
     if data.source == "synthetic":
       if not train and num_examples is None:
         raise ValueError("make_eval_iterator on the synthetic source needs num_examples")
-      schedule = SyntheticSchedule(process_index, process_count, None if train else num_examples)
+      schedule = SyntheticSchedule(process_index, process_count, None if train else num_examples,
+                                   first_position=first_position)
       num_captions = int(_data_option(config, "captions_per_image", 5)) if all_captions else None
       loader = SyntheticLoader(finish, seed=seed, image_size=image_size, held_out=not train,
                                num_captions=num_captions)
@@ -254,7 +263,7 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
       source = tfds_source.TfdsSource(data.name, data.split, data.data_dir)
       schedule = RecordSchedule(len(source), seed=seed, process_index=process_index,
                                 process_count=process_count, shuffle=train,
-                                num_epochs=None if train else 1)
+                                num_epochs=None if train else 1, first_position=first_position)
       loader = TfdsLoader(finish, source, seed=seed)
     dataset = grain.MapDataset.source(schedule).map(loader)
     if not train and num_examples is not None and data.source == "tfds":
@@ -262,6 +271,9 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
     dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=max(2 * local_batch, 16)))
   elif data.source == "wds":
+    if first_position:
+      raise ValueError("config.data.source='wds' streams shards and cannot start at a sample "
+                       "position; resume it on the number of processes that wrote the checkpoint")
     shards = wds.validate_shards(data.path)
     schedule = wds.ShardSchedule(shards, seed=seed, process_index=process_index,
                                  process_count=process_count,
@@ -365,20 +377,29 @@ def _process_args(process_index, process_count):
 def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, image_size: int,
                         mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
                         process_index: Optional[int] = None,
-                        process_count: Optional[int] = None) -> DataIterator:
+                        process_count: Optional[int] = None,
+                        start_step: int = 0) -> DataIterator:
   """The training stream of this process, assembled into global arrays on `sharding`.
 
   Each process reads its own part; its local batch is config.batch_size / process_count.
   With sharding=None the iterator yields this process's numpy batches instead.
+
+  start_step: begin where `start_step` global batches of this config end, whatever number
+  of processes read them: how a run resumes from a checkpoint written by another number of
+  processes (whose per-process iterator states do not apply). Synthetic: the very samples
+  an uninterrupted run would read next (each global batch the same set, rows in another
+  order; skipped samples would shift it, and synthetic has none). TFDS: each process starts
+  as far into its part of the epoch as that many batches reach. Not for wds (shard streams).
   """
   validate_data_config(config)
   process_index, process_count = _process_args(process_index, process_count)
   if config.batch_size % process_count:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{process_count} processes; use a multiple of {process_count}")
-  dataset = build_dataset(config, image_size=image_size,
-                          local_batch=config.batch_size // process_count, train=True,
-                          process_index=process_index, process_count=process_count)
+  local_batch = config.batch_size // process_count
+  dataset = build_dataset(config, image_size=image_size, local_batch=local_batch, train=True,
+                          process_index=process_index, process_count=process_count,
+                          first_position=int(start_step) * local_batch)
   return DataIterator(dataset, sharding,
                       transforms.Normalizer(mean, std, config.data.image_dtype))
 
