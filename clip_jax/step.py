@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clip_jax import sharding as shd
 from clip_jax.losses import contrastive_loss
-from clip_jax.models.clip import CLIP, abstract_params, count_params, create_model, l2_normalize
+from clip_jax.models.clip import abstract_params, count_params, create_model, l2_normalize
 from clip_jax.models.configs import CLIPConfig, get_model_config
 from clip_jax.models.flops import train_flops_per_step
 from clip_jax.optim import make_optimizer, make_schedule

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import math
-import os
 import re
 import signal
 import sys
