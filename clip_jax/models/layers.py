@@ -139,7 +139,8 @@ class Attention(nn.Module):
       kv = proj.project(x, slice(1, 3))
       k, v = kv[:, :, 0], kv[:, :, 1]
       q = proj.project(take_rows(x, query_index), slice(0, 1))[:, :, 0]
-      q_positions = query_index[:, None]
+      q_positions = (jnp.full((x.shape[0], 1), query_index) if isinstance(query_index, int)
+                     else query_index[:, None])
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "seq", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "seq", "heads", "kv"))
@@ -168,7 +169,13 @@ def tokens_2d(x, feature_dims: int = 1):
 
 
 def take_rows(x, index):
-  """x[b, index[b]] for every b, keeping a length-1 sequence axis: [B, T, ...] -> [B, 1, ...]."""
+  """x[b, index[b]] for every b, keeping a length-1 sequence axis: [B, T, ...] -> [B, 1, ...].
+
+  A Python int index (the ViT's CLS token, 0) is a static slice: no gather, whose gradient
+  would scatter into a zero [B, T, ...] buffer.
+  """
+  if isinstance(index, int):
+    return x[:, index:index + 1]
   index = index.reshape(index.shape[0], 1, *([1] * (x.ndim - 2)))
   return jnp.take_along_axis(x, index, axis=1)
 
@@ -260,7 +267,8 @@ class Transformer(nn.Module):
   Scanned params live under `resblocks`; unscanned under `resblocks_0` ... `resblocks_{L-1}`.
   `clip_jax.models.params.scan_params` / `unscan_params` convert between the two.
 
-  `pool_index` ([B] ints): both towers keep one token (CLS, end-of-text) of the last block;
+  `pool_index` ([B] ints, or one int for all rows): both towers keep one token (CLS,
+  end-of-text) of the last block;
   the call returns that token's row, [B, D]. Unscanned, the last block computes only that
   row (see ResidualBlock: ~1/L fewer FLOPs for the tower). Scanned, all layers run in full:
   on XLA:CPU both ways of running the last layer apart (a scan over sliced params, or an
@@ -285,8 +293,11 @@ class Transformer(nn.Module):
           f"unknown remat_policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     block_cls = ResidualBlock
     if self.remat_policy != "none":
+      # Unscanned, an int pool_index (the CLS token) stays a static slice inside the last
+      # remat'd block (argument 3, counting self).
+      static = (3,) if isinstance(pool_index, int) and not self.scan_layers else ()
       block_cls = nn.remat(ResidualBlock, policy=REMAT_POLICIES[self.remat_policy],
-                           prevent_cse=not self.scan_layers)
+                           prevent_cse=not self.scan_layers, static_argnums=static)
     kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, causal=self.causal, act=self.act,
                   ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                   layers=self.layers, attention_impl=self.attention_impl)

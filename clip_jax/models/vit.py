@@ -47,7 +47,7 @@ class VisionTransformer(nn.Module):
                     ln_eps=cfg.ln_eps, dtype=dtype, param_dtype=param_dtype,
                     scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
                     attention_impl=cfg.attention_impl, name="transformer")(
-                        x, pool_index=jnp.zeros((b,), jnp.int32))  # the last block: [CLS] only
+                        x, pool_index=0)  # the last block: [CLS] only
     pooled = LayerNorm(cfg.ln_eps, jnp.float32, param_dtype, name="ln_post")(x)
     proj = param_with_axes(self, "proj", normal(scale), (width, cfg.embed_dim), param_dtype,
                            ("embed", "proj"))
