@@ -116,8 +116,10 @@ def measure_model(args, limit: int, started: float) -> dict:
       raise RuntimeError(f"out of memory down to batch {args.batch}")
     record.update(result)
     if args.profile_steps and time.perf_counter() - started < args.deadline_s:
-      _, summary = step_profile.profile(step, args.profile_steps, top=15)
-      record["profile"] = summary
+      try:  # A profiler failure keeps the timings above.
+        _, record["profile"] = step_profile.profile(step, args.profile_steps, top=15)
+      except Exception as e:  # noqa: BLE001
+        record["profile_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
   except Exception as e:  # noqa: BLE001  (record it; the next model still runs)
     record["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
     record["traceback"] = traceback.format_exc()[-3000:]
