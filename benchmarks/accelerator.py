@@ -71,11 +71,9 @@ def estimated_bytes(args, batch: int) -> int:
   probe.batch = batch
   config = train_step.run_config(probe)
   mesh = shd.create_mesh(config, devices=jax.devices()[:1])
-  abstract_state, shardings = st.abstract_train_state(config, mesh)
-  lowered = st.make_train_step(config, mesh, shardings).lower(abstract_state,
-                                                               st.abstract_batch(config, mesh))
   options = {"xla_gpu_autotune_level": 0} if jax.devices()[0].platform == "gpu" else None
-  return st.memory_per_device(lowered.compile(compiler_options=options))["total"]
+  compiled, _ = st.compile_train_step(config, mesh, compiler_options=options)
+  return st.memory_per_device(compiled)["total"]
 
 
 def fit_batch(args, limit: int) -> dict:

@@ -314,11 +314,12 @@ def abstract_batch(config, mesh: Mesh) -> dict:
                                          sharding=sharding)}
 
 
-def compile_train_step(config, mesh: Mesh):
+def compile_train_step(config, mesh: Mesh, compiler_options: Optional[dict] = None):
   """The compiled step for abstract state and batch: (compiled, abstract_state)."""
   abstract_state, shardings = abstract_train_state(config, mesh)
   train_step = make_train_step(config, mesh, shardings)
-  compiled = train_step.lower(abstract_state, abstract_batch(config, mesh)).compile()
+  compiled = train_step.lower(abstract_state, abstract_batch(config, mesh)).compile(
+      compiler_options=compiler_options)
   return compiled, abstract_state
 
 
