@@ -139,8 +139,7 @@ class Attention(nn.Module):
       kv = proj.project(x, slice(1, 3))
       k, v = kv[:, :, 0], kv[:, :, 1]
       q = proj.project(take_rows(x, query_index), slice(0, 1))[:, :, 0]
-      q_positions = (jnp.full((x.shape[0], 1), query_index) if isinstance(query_index, int)
-                     else query_index[:, None])
+      q_positions = jnp.broadcast_to(jnp.asarray(query_index), (x.shape[0],))[:, None]
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "seq", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "seq", "heads", "kv"))
