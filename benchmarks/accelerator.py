@@ -49,6 +49,9 @@ def build_parser():
                  help="the device's memory in GiB (default: its bytes_limit; CPU needs this)")
   p.add_argument("--profile_steps", type=int, default=3, help="0: no profile")
   p.add_argument("--deadline_s", type=float, default=480.0)
+  p.add_argument("--attention_impls", default="",
+                 help="comma list timed in turn at the batch fitted for the first "
+                      "(default: --attention_impl alone)")
   return p
 
 
@@ -95,33 +98,61 @@ def fit_batch(args, limit: int) -> dict:
           "limit_gib": round(limit / GIB, 3), "memory_fraction": args.memory_fraction}
 
 
-def measure_model(args, limit: int, started: float) -> dict:
-  record = {"model": args.model}
+def time_and_profile(args, record: dict, started: float) -> dict:
+  """train_step.py's figures at args.batch (25% smaller after an OOM), then a profile."""
+  for _ in range(3):
+    try:
+      result, step = train_step.run(args, train_step.pin_threads(args.threads))
+      break
+    except Exception as e:  # noqa: BLE001  (XLA's error types differ by backend)
+      if not any(m in str(e) for m in OOM_MARKERS) or args.batch <= args.batch_multiple:
+        raise
+      record.setdefault("oom_batches", []).append(args.batch)
+      args.batch = max(args.batch * 3 // 4 // args.batch_multiple * args.batch_multiple,
+                       args.batch_multiple)
+  else:
+    raise RuntimeError(f"out of memory down to batch {args.batch}")
+  record.update(result)
+  if args.profile_steps and time.perf_counter() - started < args.deadline_s:
+    try:  # A profiler failure keeps the timings above.
+      _, record["profile"] = step_profile.profile(step, args.profile_steps, top=15)
+    except Exception as e:  # noqa: BLE001
+      record["profile_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+  return record
+
+
+def failed(record: dict, e: Exception) -> dict:
+  record["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+  record["traceback"] = traceback.format_exc()[-3000:]
+  return record
+
+
+def measure_model(args, limit: int, started: float, impls=None):
+  """Yields one record per attention implementation (default: args.attention_impl), all at
+  the batch fitted for the first; the records come as they are measured."""
+  impls = list(impls or [args.attention_impl])
+  args.attention_impl = impls[0]
+  record = {"model": args.model, "attention_impl": impls[0]}
   try:
     record["memory_fit"] = fit_batch(args, limit)
     args.batch = record["memory_fit"]["batch"]
-    for _ in range(3):
-      try:
-        result, step = train_step.run(args, train_step.pin_threads(args.threads))
-        break
-      except Exception as e:  # noqa: BLE001  (XLA's error types differ by backend)
-        if not any(m in str(e) for m in OOM_MARKERS) or args.batch <= args.batch_multiple:
-          raise
-        record.setdefault("oom_batches", []).append(args.batch)
-        args.batch = max(args.batch * 3 // 4 // args.batch_multiple * args.batch_multiple,
-                         args.batch_multiple)
-    else:
-      raise RuntimeError(f"out of memory down to batch {args.batch}")
-    record.update(result)
-    if args.profile_steps and time.perf_counter() - started < args.deadline_s:
-      try:  # A profiler failure keeps the timings above.
-        _, record["profile"] = step_profile.profile(step, args.profile_steps, top=15)
-      except Exception as e:  # noqa: BLE001
-        record["profile_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
   except Exception as e:  # noqa: BLE001  (record it; the next model still runs)
-    record["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-    record["traceback"] = traceback.format_exc()[-3000:]
-  return record
+    yield failed(record, e)
+    return
+  for impl in impls:
+    if impl != impls[0] and time.perf_counter() - started > args.deadline_s:
+      yield {"model": args.model, "attention_impl": impl,
+             "error": f"skipped: past --deadline_s={args.deadline_s}"}
+      continue
+    run_args = copy.copy(args)
+    run_args.attention_impl = impl
+    if impl != impls[0]:
+      record = {"model": args.model, "attention_impl": impl,
+                "memory_fit": dict(record["memory_fit"], fitted_for=impls[0])}
+    try:
+      yield time_and_profile(run_args, record, started)
+    except Exception as e:  # noqa: BLE001
+      yield failed(record, e)
 
 
 def main(argv=None):
@@ -133,6 +164,8 @@ def main(argv=None):
             "jax": jax.__version__, "limit_gib": round(limit / GIB, 3)}
   print(json.dumps(header), flush=True)
   out_path = os.path.join(args.out, "accelerator.jsonl") if args.out else ""
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
   records = []
   for model in args.models.split(","):
     if time.perf_counter() - started > args.deadline_s:
@@ -140,13 +173,16 @@ def main(argv=None):
       continue
     model_args = copy.copy(args)
     model_args.model = model
-    records.append(dict(measure_model(model_args, limit, started), **header))
-    print(json.dumps(records[-1]), flush=True)
-    if out_path:
-      with open(out_path, "a") as f:
-        f.write(json.dumps(records[-1]) + "\n")
-  summary = {"results": [{k: r.get(k) for k in ("model", "batch", "samples_per_s", "step_time_s",
-                                                 "compile_s", "mfu", "error")} for r in records],
+    impls = [i for i in args.attention_impls.split(",") if i]
+    for record in measure_model(model_args, limit, started, impls):
+      records.append(dict(record, **header))
+      print(json.dumps(records[-1]), flush=True)
+      if out_path:
+        with open(out_path, "a") as f:
+          f.write(json.dumps(records[-1]) + "\n")
+  keys = ("model", "attention_impl", "batch", "samples_per_s", "step_time_s", "compile_s", "mfu",
+          "error")
+  summary = {"results": [{k: r.get(k) for k in keys} for r in records],
              "elapsed_s": round(time.perf_counter() - started, 1), **header}
   print(json.dumps(summary), flush=True)
   return records
