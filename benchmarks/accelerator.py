@@ -49,9 +49,15 @@ def build_parser():
                  help="the device's memory in GiB (default: its bytes_limit; CPU needs this)")
   p.add_argument("--profile_steps", type=int, default=3, help="0: no profile")
   p.add_argument("--deadline_s", type=float, default=480.0)
-  p.add_argument("--attention_impls", default="",
-                 help="comma list timed in turn at the batch fitted for the first "
-                      "(default: --attention_impl alone)")
+  p.add_argument("--variants", default="",
+                 help="';'-separated step variants timed in turn at one batch, each a ','-list "
+                      "of NAME=VALUE: a train_step.py option (attention_impl, remat_policy, "
+                      "scan_layers, loss_impl) or an XLA compiler option (xla_...). The batch "
+                      "is fitted for the first variant that compiles. Default: the flags alone")
+  p.add_argument("--profile_all", action="store_true",
+                 help="profile every variant (default: the one the batch is fitted for)")
+  p.add_argument("--check_attention", default="auto", choices=("auto", "yes", "no"),
+                 help="compare cuDNN fused attention with ours before timing (auto: on GPU)")
   return p
 
 
@@ -74,8 +80,10 @@ def estimated_bytes(args, batch: int) -> int:
   probe.batch = batch
   config = train_step.run_config(probe)
   mesh = shd.create_mesh(config, devices=jax.devices()[:1])
-  options = {"xla_gpu_autotune_level": 0} if jax.devices()[0].platform == "gpu" else None
-  compiled, _ = st.compile_train_step(config, mesh, compiler_options=options)
+  options = train_step.compiler_options(args.xla_option)
+  if jax.devices()[0].platform == "gpu":
+    options["xla_gpu_autotune_level"] = 0  # the buffers do not depend on the kernels chosen
+  compiled, _ = st.compile_train_step(config, mesh, compiler_options=options or None)
   return st.memory_per_device(compiled)["total"]
 
 
@@ -127,32 +135,94 @@ def failed(record: dict, e: Exception) -> dict:
   return record
 
 
-def measure_model(args, limit: int, started: float, impls=None):
-  """Yields one record per attention implementation (default: args.attention_impl), all at
-  the batch fitted for the first; the records come as they are measured."""
-  impls = list(impls or [args.attention_impl])
-  args.attention_impl = impls[0]
-  record = {"model": args.model, "attention_impl": impls[0]}
-  try:
-    record["memory_fit"] = fit_batch(args, limit)
-    args.batch = record["memory_fit"]["batch"]
-  except Exception as e:  # noqa: BLE001  (record it; the next model still runs)
-    yield failed(record, e)
+STEP_OPTIONS = {"attention_impl": str, "remat_policy": str, "loss_impl": str,
+                "scan_layers": lambda v: v.lower() == "true"}
+
+
+def parse_variants(text: str) -> list[dict]:
+  """'attention_impl=cudnn;attention_impl=cudnn,xla_gpu_enable_triton_gemm=false' ->
+  [{"attention_impl": "cudnn"}, {...}]. [{}] (the flags as given) for ''."""
+  variants = []
+  for spec in filter(None, (v.strip() for v in text.split(";"))):
+    variant = {}
+    for pair in filter(None, spec.split(",")):
+      name, sep, value = pair.partition("=")
+      if not sep or not (name in STEP_OPTIONS or name.startswith("xla_")):
+        raise ValueError(f"--variants: {pair!r} is not NAME=VALUE with NAME one of "
+                         f"{sorted(STEP_OPTIONS)} or an xla_ option")
+      variant[name] = value
+    variants.append(variant)
+  return variants or [{}]
+
+
+def with_variant(args, variant: dict):
+  out = copy.copy(args)
+  out.xla_option = list(args.xla_option)
+  for name, value in variant.items():
+    if name.startswith("xla_"):
+      out.xla_option.append(f"{name}={value}")
+    else:
+      setattr(out, name, STEP_OPTIONS[name](value))
+  return out
+
+
+def measure_model(args, limit: int, started: float, variants=None):
+  """Yields one record per variant (default: the flags as given), all at the batch fitted for
+  the first variant whose step compiles; the records come as they are measured."""
+  variants = list(variants or [{}])
+  fit, fitted_for = None, None
+  for variant in variants:
+    record = {"model": args.model, "variant": variant}
+    try:
+      fit, fitted_for = fit_batch(with_variant(args, variant), limit), variant
+      break
+    except Exception as e:  # noqa: BLE001  (record it; the next variant may compile)
+      yield failed(record, e)
+  if fit is None:
     return
-  for impl in impls:
-    if impl != impls[0] and time.perf_counter() - started > args.deadline_s:
-      yield {"model": args.model, "attention_impl": impl,
-             "error": f"skipped: past --deadline_s={args.deadline_s}"}
+  for variant in variants[variants.index(fitted_for):]:
+    record = {"model": args.model, "variant": variant,
+              "memory_fit": dict(fit, fitted_for=fitted_for)}
+    if variant is not fitted_for and time.perf_counter() - started > args.deadline_s:
+      yield dict(record, error=f"skipped: past --deadline_s={args.deadline_s}")
       continue
-    run_args = copy.copy(args)
-    run_args.attention_impl = impl
-    if impl != impls[0]:
-      record = {"model": args.model, "attention_impl": impl,
-                "memory_fit": dict(record["memory_fit"], fitted_for=impls[0])}
+    run_args = with_variant(args, variant)
+    run_args.batch = fit["batch"]
+    if variant is not fitted_for and not args.profile_all:
+      run_args.profile_steps = 0
     try:
       yield time_and_profile(run_args, record, started)
     except Exception as e:  # noqa: BLE001
       yield failed(record, e)
+
+
+def check_attention() -> dict:
+  """cuDNN fused attention (clip_jax.models.layers.fused_attention, odd lengths padded) vs
+  our XLA attention at CLIP's shapes in bfloat16: relative error of the output and of the
+  three input gradients (float32 reference)."""
+  import jax
+  import jax.numpy as jnp
+  from clip_jax.models.layers import dot_product_attention, fused_attention
+  result = {}
+  for name, (t, heads, causal) in {"vitb16": (197, 12, False), "vitl14": (257, 16, False),
+                                   "text": (77, 8, True)}.items():
+    try:
+      keys = jax.random.split(jax.random.PRNGKey(t), 4)
+      q, k, v, ct = (jax.random.normal(key, (4, t, heads, 64)) for key in keys)
+
+      def loss(fn, dtype, q, k, v):
+        return (fn(q.astype(dtype), k.astype(dtype), v.astype(dtype), causal=causal)
+                .astype(jnp.float32) * ct).sum()
+      got = jax.jit(jax.value_and_grad(
+          lambda *a: loss(fused_attention, jnp.bfloat16, *a), argnums=(0, 1, 2)))(q, k, v)
+      ref = jax.jit(jax.value_and_grad(
+          lambda *a: loss(dot_product_attention, jnp.float32, *a), argnums=(0, 1, 2)))(q, k, v)
+      rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+      result[name] = {"grads_rel_err": [round(rel(a, b), 5) for a, b in zip(got[1], ref[1])],
+                      "finite": bool(all(jnp.isfinite(g).all() for g in got[1]))}
+    except Exception as e:  # noqa: BLE001
+      result[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+  return result
 
 
 def main(argv=None):
@@ -162,6 +232,10 @@ def main(argv=None):
   limit = device_memory_bytes(args.memory_gb)
   header = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
             "jax": jax.__version__, "limit_gib": round(limit / GIB, 3)}
+  variants = parse_variants(args.variants)
+  if args.check_attention == "yes" or (args.check_attention == "auto" and
+                                       header["platform"] == "gpu"):
+    print(json.dumps({"attention_check": check_attention()}), flush=True)
   print(json.dumps(header), flush=True)
   out_path = os.path.join(args.out, "accelerator.jsonl") if args.out else ""
   if args.out:
@@ -173,14 +247,13 @@ def main(argv=None):
       continue
     model_args = copy.copy(args)
     model_args.model = model
-    impls = [i for i in args.attention_impls.split(",") if i]
-    for record in measure_model(model_args, limit, started, impls):
+    for record in measure_model(model_args, limit, started, variants):
       records.append(dict(record, **header))
       print(json.dumps(records[-1]), flush=True)
       if out_path:
         with open(out_path, "a") as f:
           f.write(json.dumps(records[-1]) + "\n")
-  keys = ("model", "attention_impl", "batch", "samples_per_s", "step_time_s", "compile_s", "mfu",
+  keys = ("model", "variant", "batch", "samples_per_s", "step_time_s", "compile_s", "mfu",
           "error")
   summary = {"results": [{k: r.get(k) for k in keys} for r in records],
              "elapsed_s": round(time.perf_counter() - started, 1), **header}

@@ -51,6 +51,9 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
                  help="default: the model's recipe (configs/MODEL.py), 'none' for tiny")
   p.add_argument("--scan_layers", dest="scan_layers", action="store_true", default=True)
   p.add_argument("--noscan_layers", dest="scan_layers", action="store_false")
+  p.add_argument("--xla_option", action="append", default=[], metavar="NAME=VALUE",
+                 help="an XLA compiler option for our step (e.g. xla_gpu_enable_triton_gemm="
+                      "false); repeatable")
   p.add_argument("--threads", type=int, default=0,
                  help="CPU cores both sides are pinned to (0: all of this process's cores)")
   p.add_argument("--peer", default="", choices=("", "torch"))
@@ -111,6 +114,19 @@ def run_config(args):
   return c
 
 
+def compiler_options(pairs) -> dict:
+  """["name=value", ...] -> {name: value} with true/false and integers typed."""
+  options = {}
+  for pair in pairs or ():
+    name, sep, value = pair.partition("=")
+    if not sep or not name:
+      raise ValueError(f"--xla_option {pair!r}: expected NAME=VALUE")
+    lowered = value.lower()
+    options[name] = (lowered == "true" if lowered in ("true", "false") else
+                     int(value) if value.lstrip("-").isdigit() else value)
+  return options
+
+
 def synthetic_tokens(rng, batch: int, context: int, vocab: int):
   """Random ids, an end-of-text token (the largest id) at a random position, zeros after."""
   import numpy as np
@@ -145,7 +161,8 @@ def build_ours(args):
   batch = {"images": jax.device_put(jnp.asarray(images, image_dtype), shd.batch_sharding(mesh)),
            "tokens": jax.device_put(jnp.asarray(tokens), shd.batch_sharding(mesh))}
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = train_step.lower(state, batch).compile(
+      compiler_options=compiler_options(args.xla_option) or None)
   compile_s = time.perf_counter() - start
   holder = {"state": state}
 
@@ -297,7 +314,7 @@ def run(args, threads: int):
       "model": args.model, "batch": args.batch, "steps": args.steps, "block": args.block,
       "dtype": args.dtype,
       "loss_impl": args.loss_impl, "attention_impl": args.attention_impl,
-      "remat_policy": args.remat_policy,
+      "remat_policy": args.remat_policy, "xla_options": compiler_options(args.xla_option),
       "scan_layers": args.scan_layers, "threads": threads, "device": device,
       "samples_per_s": round(args.batch / step_time, 3),
       "step_time_s": round(step_time, 4),

@@ -63,18 +63,17 @@ def test_accelerator_run_fits_a_batch_without_the_data_stack(tmp_path):
   blocked = ("grain", "tensorflow_datasets", "tensorflow", "torch", "transformers")
   argv = ["benchmarks/accelerator.py", "--models", "tiny", "--memory_gb", "0.15", "--steps", "1",
           "--warmup", "1", "--profile_steps", "1", "--probe_batch", "8", "--batch_multiple", "8",
-          "--attention_impls", "xla,cudnn", "--out", str(tmp_path / "out")]
+          "--variants", "attention_impl=cudnn;remat_policy=dots", "--out", str(tmp_path / "out")]
   code = (f"import sys, runpy\nfor m in {blocked!r}: sys.modules[m] = None\n"
           f"sys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')")
   summary = _last_json("-c", code)
-  assert summary["platform"] == "cpu" and summary["results"][0]["error"] is None
+  assert summary["platform"] == "cpu" and summary["results"][1]["error"] is None
   lines = (tmp_path / "out" / "accelerator.jsonl").read_text().splitlines()
-  record, second = [json.loads(line) for line in lines]
-  # The second implementation reuses the first's fitted batch (cuDNN fails on CPU: recorded).
-  assert record["attention_impl"] == "xla" and second["attention_impl"] == "cudnn"
-  assert second["memory_fit"]["fitted_for"] == "xla"
-  assert second["memory_fit"]["batch"] == record["memory_fit"]["batch"]
-  assert ("error" in second) == (summary["platform"] == "cpu")
+  cudnn, record = [json.loads(line) for line in lines]
+  # cuDNN does not compile on CPU: recorded, and the batch is fitted for the next variant.
+  assert cudnn["variant"] == {"attention_impl": "cudnn"} and "cuDNN" in cudnn["error"]
+  assert record["variant"] == {"remat_policy": "dots"} and record["remat_policy"] == "dots"
+  assert record["memory_fit"]["fitted_for"] == record["variant"]
   fit = record["memory_fit"]
   assert record["batch"] == fit["batch"] and fit["batch"] % 8 == 0 and fit["batch"] >= 8
   # The largest multiple of 8 within 90% of 0.15 GiB by the linear estimate.

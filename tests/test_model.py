@@ -8,7 +8,7 @@ import pytest
 from clip_jax.models import (CLIPConfig, MODEL_CONFIGS, abstract_params, count_params, create_model,
                              forward_flops_per_pair, get_model_config, init_params,
                              interpolate_pos_embed, scan_params, unscan_params)
-from clip_jax.models.layers import Transformer, dot_product_attention, quick_gelu
+from clip_jax.models.layers import Transformer, dot_product_attention, fused_attention, quick_gelu
 
 # OpenAI's published parameter counts (sum of numel over the state dict, logit_scale included).
 PARAM_COUNTS = {"vitb32": 151_277_313, "vitb16": 149_620_737, "vitl14": 427_616_513,
@@ -155,6 +155,23 @@ def test_attention_matches_numpy_reference():
     np.testing.assert_allclose(dot_product_attention(q, k, v, causal), ref, atol=1e-6)
   x = np.linspace(-4, 4, 9, dtype=np.float32)
   np.testing.assert_allclose(quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("length,causal", [(7, False), (7, True), (8, True)])
+def test_fused_attention_pads_odd_lengths_exactly(length, causal):
+  """cuDNN trains only even lengths: an odd one is padded by a query row (sliced off) and a
+  key hidden by the padding mask. The same padded call through the XLA kernel (any backend)
+  gives our attention's outputs and input gradients."""
+  keys = jax.random.split(jax.random.PRNGKey(length), 4)
+  q, k, v, cotangent = (jax.random.normal(key, (2, length, 3, 8)) for key in keys)
+  fused = lambda *a: (fused_attention(*a, causal=causal, implementation="xla") * cotangent).sum()
+  ours = lambda *a: (dot_product_attention(*a, causal=causal) * cotangent).sum()
+  (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
+                                            for f in (fused, ours))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, ref in zip(grads, ref_grads):
+    assert g.shape == ref.shape
+    np.testing.assert_allclose(g, ref, atol=2e-6)
 
 
 def test_position_embedding_interpolation():

@@ -146,7 +146,7 @@ class Attention(nn.Module):
     if self.impl not in ("xla", "cudnn"):
       raise ValueError(f"unknown attention_impl {self.impl!r}; known: xla, cudnn")
     if self.impl == "cudnn" and query_index is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="cudnn")
+      out = fused_attention(q, k, v, causal=self.causal)
     else:  # One query per sequence is a [B, H, 1, T] product: no fused kernel needed.
       out = dot_product_attention(q, k, v, causal=self.causal, q_positions=q_positions)
     out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
@@ -177,6 +177,27 @@ def take_rows(x, index):
     return x[:, index:index + 1]
   index = index.reshape(index.shape[0], 1, *([1] * (x.ndim - 2)))
   return jnp.take_along_axis(x, index, axis=1)
+
+
+def fused_attention(q, k, v, causal: bool, implementation: str = "cudnn"):
+  """jax.nn.dot_product_attention's fused (cuDNN flash) kernel at any sequence length.
+
+  cuDNN's backward pass takes only even lengths, and CLIP's are odd (197 and 257 image
+  tokens, 77 text tokens): an odd length gets one zero query row, sliced off the output, and
+  one zero key that the kernel's padding mask (`key_value_seq_lengths`) hides, so every query
+  attends to exactly its keys. q, k, v: [B, T, H, D]. `implementation` is for tests ("xla"
+  runs the same padded call on any backend).
+  """
+  t = q.shape[1]
+  if t % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  lengths = jnp.full((q.shape[0],), t, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :t]
 
 
 def dot_product_attention(q, k, v, causal: bool, q_positions=None):
