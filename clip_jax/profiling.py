@@ -145,6 +145,17 @@ def _library_call(line: str, instructions: dict) -> tuple[str, int]:
   return "", 0
 
 
+def _kernel_category(name: str) -> str:
+  """The category of a GPU library kernel known by its name alone (cuBLAS/CUTLASS matmuls,
+  cuDNN attention); '' for others."""
+  lowered = name.lower()
+  if any(m in lowered for m in ("sdpa", "fmha", "flash")):
+    return "fused_attention"
+  if lowered.startswith(("nvjet", "sm90_xmma", "sm80_xmma", "cutlass")) or "gemm" in lowered:
+    return "matmul"
+  return ""
+
+
 # Parts of a JAX op name that are transformations or control flow, not model scopes.
 _SCOPE_NOISE = ("jit(", "jvp(", "transpose(", "checkpoint", "remat", "rematted_computation",
                 "while", "body", "cond", "closed_call", "pjit", "vmap(")
@@ -205,6 +216,8 @@ def summarize_trace(trace_dir: str, hlo_text: str = "", steps: int = 1, top: int
         if event.name.startswith(_WRAPPER_EVENTS):
           continue
         op = dict(event.stats).get("hlo_op") or event.name
+        if op.startswith("command_buffer"):  # a GPU command buffer (graph) of many ops
+          op = event.name
         seconds[op] += event.duration_ns / 1e9 / steps
         calls[op] += 1
         kernels.setdefault(op, event.name)
@@ -212,15 +225,18 @@ def summarize_trace(trace_dir: str, hlo_text: str = "", steps: int = 1, top: int
   computations = _computations(hlo_text) if hlo_text else {}
   ops, categories, scopes = [], collections.Counter(), collections.Counter()
   for name, secs in seconds.items():
-    shape, opcode, flops, category, scope = None, None, 0, "", "?"
-    if name in instructions:
-      dims, opcode, line = instructions[name]
+    shape, opcode, flops, category, scope = None, None, 0, _kernel_category(name), "?"
+    # A GPU fusion's kernel is named after its instruction, '.' written '_'.
+    hlo_name = name if name in instructions else re.sub(r"_(\d+)$", r".\1", name)
+    if hlo_name in instructions:
+      dims, opcode, line = instructions[hlo_name]
       shape = _dims(dims)
       called = re.search(r"calls=%?([\w.\-]+)", line)
       if opcode == "dot":
         flops = _dot_flops(line, instructions)
       elif opcode == "custom-call":
         category, flops = _library_call(line, instructions)
+        category = category or _kernel_category(name)
       elif called and called.group(1) in computations:
         flops = _dot_flops(computations[called.group(1)], instructions)
       op_names = re.findall(r'op_name="([^"]*)"', line)
