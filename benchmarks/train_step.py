@@ -46,7 +46,8 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
                       "outputs are ready lands in the same timing")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--loss_impl", default="global", choices=("global", "chunked"))
-  p.add_argument("--attention_impl", default="xla", choices=("xla", "cudnn"))
+  p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
+                 help="auto: cudnn on a GPU in bfloat16, else xla")
   p.add_argument("--remat_policy", default=None,
                  help="default: the model's recipe (configs/MODEL.py), 'none' for tiny")
   p.add_argument("--scan_layers", dest="scan_layers", action="store_true", default=True)
@@ -278,6 +279,7 @@ def run(args, threads: int):
   """(the JSON result, our step()) for parsed `args`; step.compiled is the compiled step."""
   import jax
   from clip_jax.models.flops import train_flops_per_step
+  from clip_jax.models.layers import resolve_attention_impl
 
   step, compile_s, model_config, (images, tokens) = build_ours(args)
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -314,6 +316,7 @@ def run(args, threads: int):
       "model": args.model, "batch": args.batch, "steps": args.steps, "block": args.block,
       "dtype": args.dtype,
       "loss_impl": args.loss_impl, "attention_impl": args.attention_impl,
+      "attention_kernel": resolve_attention_impl(args.attention_impl, args.dtype),
       "remat_policy": args.remat_policy, "xla_options": compiler_options(args.xla_option),
       "scan_layers": args.scan_layers, "threads": threads, "device": device,
       "samples_per_s": round(args.batch / step_time, 3),

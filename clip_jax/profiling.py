@@ -149,7 +149,7 @@ def _kernel_category(name: str) -> str:
   """The category of a GPU library kernel known by its name alone (cuBLAS/CUTLASS matmuls,
   cuDNN attention); '' for others."""
   lowered = name.lower()
-  if any(m in lowered for m in ("sdpa", "fmha", "flash")):
+  if any(m in lowered for m in ("sdpa", "fmha", "flash", "cudnn")):
     return "fused_attention"
   if lowered.startswith(("nvjet", "sm90_xmma", "sm80_xmma", "cutlass")) or "gemm" in lowered:
     return "matmul"
@@ -158,7 +158,7 @@ def _kernel_category(name: str) -> str:
 
 # Parts of a JAX op name that are transformations or control flow, not model scopes.
 _SCOPE_NOISE = ("jit(", "jvp(", "transpose(", "checkpoint", "remat", "rematted_computation",
-                "while", "body", "cond", "closed_call", "pjit", "vmap(")
+                "while", "body", "cond", "closed_call", "pjit", "vmap(", "eval_jaxpr")
 
 
 def op_scope(op_name: str) -> str:
@@ -245,7 +245,8 @@ def summarize_trace(trace_dir: str, hlo_text: str = "", steps: int = 1, top: int
       scope = op_scope(op_names[-1] if op_names else "")
     per_step_calls = calls[name] / steps
     flops_per_step = flops * per_step_calls
-    category = category or ("matmul" if flops else re.sub(r"[._]\d+$", "", name))
+    # A C++ kernel's name without its argument list; an op's without its number.
+    category = category or ("matmul" if flops else re.sub(r"[._]\d+$", "", name.split("(")[0]))
     categories[category] += secs
     scopes[scope] += secs
     ops.append({"name": name, "s_per_step": round(secs, 5), "calls_per_step": per_step_calls,

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"          # parameters and optimizer state
   c.scan_layers = True
   c.remat_policy = "none"            # none | full | dots | dots_no_batch | save_attn_out
-  c.attention_impl = "xla"           # xla | cudnn
+  c.attention_impl = "auto"          # auto (cudnn on a GPU in bf16/f16, else xla) | xla | cudnn
 
   c.seed = 0
   c.batch_size = 256                 # global batch, over all hosts and devices

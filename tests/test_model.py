@@ -174,6 +174,46 @@ def test_fused_attention_pads_odd_lengths_exactly(length, causal):
     np.testing.assert_allclose(g, ref, atol=2e-6)
 
 
+@pytest.mark.parametrize("scan_layers,remat_policy", [(True, "dots"), (False, "none")])
+def test_cudnn_path_pads_once_and_matches_xla(monkeypatch, scan_layers, remat_policy):
+  """attention_impl='cudnn' pads an odd sequence (tiny: 17 image, 77 text tokens) once per
+  tower, masks the pad key in every layer and slices it off. Run through the XLA kernel
+  (FUSED_ATTENTION_KERNEL, as on CPU cuDNN does not exist), the model's features and every
+  parameter gradient equal the plain attention's, scanned (remat) and unscanned (pooled
+  last block)."""
+  from clip_jax.models import layers
+  monkeypatch.setattr(layers, "FUSED_ATTENTION_KERNEL", "xla")
+  base = create_model("tiny", scan_layers=scan_layers, remat_policy=remat_policy)
+  params = init_params(base, jax.random.PRNGKey(3))
+  images, tokens = _inputs(base.config)
+  seq = (base.config.vision.image_size // base.config.vision.patch_size) ** 2 + 1
+  assert seq % 2 == 1 and base.config.text.context_length % 2 == 1
+
+  def run(model):
+    def loss(p):
+      out = model.apply({"params": p}, images, tokens)
+      return jnp.sum(out["image_features"] @ out["text_features"].T), out
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  fused = create_model("tiny", scan_layers=scan_layers, remat_policy=remat_policy,
+                       attention_impl="cudnn")
+  (g0, out0), (g1, out1) = run(base), run(fused)
+  for key in ("image_features", "text_features"):
+    np.testing.assert_allclose(out1[key], out0[key], atol=2e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_impl_auto_resolves_by_backend_and_dtype():
+  from clip_jax.models.layers import resolve_attention_impl
+  assert resolve_attention_impl("auto", jnp.bfloat16) == (
+      "cudnn" if jax.default_backend() == "gpu" else "xla")
+  assert resolve_attention_impl("auto", jnp.float32) == "xla"
+  assert resolve_attention_impl("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+    resolve_attention_impl("flash")
+
+
 def test_position_embedding_interpolation():
   cfg = get_model_config("tiny")
   params = init_params(create_model(cfg), jax.random.PRNGKey(0))

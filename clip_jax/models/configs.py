@@ -58,7 +58,7 @@ class CLIPConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"               # see clip_jax.models.layers.REMAT_POLICIES
-  attention_impl: str = "xla"              # "xla" (einsum, f32 softmax) or "cudnn" (fused, GPU)
+  attention_impl: str = "xla"              # "xla" (einsum, f32 softmax), "cudnn" (fused, GPU) or "auto"
   name: str = "custom"
 
   def replace(self, **kwargs) -> "CLIPConfig":

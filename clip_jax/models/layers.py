@@ -123,6 +123,7 @@ class Attention(nn.Module):
   qkv_std: float = 0.02
   out_std: float = 0.02
   impl: str = "xla"
+  kv_length: Optional[int] = None  # keys past it are padding (the Transformer's, for cuDNN)
 
   @nn.compact
   def __call__(self, x, query_index=None):
@@ -143,11 +144,12 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "seq", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "seq", "heads", "kv"))
-    if self.impl not in ("xla", "cudnn"):
-      raise ValueError(f"unknown attention_impl {self.impl!r}; known: xla, cudnn")
-    if self.impl == "cudnn" and query_index is None:
-      out = fused_attention(q, k, v, causal=self.causal)
+    impl = resolve_attention_impl(self.impl, self.dtype)
+    if impl == "cudnn" and query_index is None:
+      out = fused_attention(q, k, v, causal=self.causal, kv_length=self.kv_length)
     else:  # One query per sequence is a [B, H, 1, T] product: no fused kernel needed.
+      if self.kv_length is not None and self.kv_length != k.shape[1]:
+        raise ValueError("padded keys (kv_length) need attention_impl='cudnn'")
       out = dot_product_attention(q, k, v, causal=self.causal, q_positions=q_positions)
     out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
     y = nn.Einsum(
@@ -179,25 +181,44 @@ def take_rows(x, index):
   return jnp.take_along_axis(x, index, axis=1)
 
 
-def fused_attention(q, k, v, causal: bool, implementation: str = "cudnn"):
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+FUSED_ATTENTION_KERNEL = "cudnn"  # jax.nn.dot_product_attention's implementation; tests: "xla"
+
+
+def resolve_attention_impl(impl: str, dtype=jnp.bfloat16) -> str:
+  """"auto" -> "cudnn" (fused flash attention) on a GPU computing in bfloat16/float16, which
+  cuDNN requires; else "xla". "xla" and "cudnn" stay as they are."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; known: {', '.join(ATTENTION_IMPLS)}")
+  if impl != "auto":
+    return impl
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+def fused_attention(q, k, v, causal: bool, kv_length: Optional[int] = None,
+                    implementation: Optional[str] = None):
   """jax.nn.dot_product_attention's fused (cuDNN flash) kernel at any sequence length.
 
   cuDNN's backward pass takes only even lengths, and CLIP's are odd (197 and 257 image
-  tokens, 77 text tokens): an odd length gets one zero query row, sliced off the output, and
-  one zero key that the kernel's padding mask (`key_value_seq_lengths`) hides, so every query
-  attends to exactly its keys. q, k, v: [B, T, H, D]. `implementation` is for tests ("xla"
-  runs the same padded call on any backend).
+  tokens, 77 text tokens). `kv_length`: the sequence is already padded (the Transformer pads
+  its tokens once, not every layer) and keys from kv_length on are hidden by the kernel's
+  padding mask. Otherwise an odd length gets one zero query row, sliced off the output, and
+  one masked zero key. Either way every real query attends to exactly its keys. q, k, v:
+  [B, T, H, D]. `implementation` defaults to FUSED_ATTENTION_KERNEL.
   """
+  implementation = implementation or FUSED_ATTENTION_KERNEL
   t = q.shape[1]
-  if t % 2 == 0:
+  if kv_length is None and t % 2 == 0:
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
-  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-  lengths = jnp.full((q.shape[0],), t, jnp.int32)
+  if kv_length is None:
+    pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  lengths = jnp.full((q.shape[0],), t if kv_length is None else kv_length, jnp.int32)
   out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths,
                                      implementation=implementation)
-  return out[:, :t]
+  return out if kv_length is not None else out[:, :t]
 
 
 def dot_product_attention(q, k, v, causal: bool, q_positions=None):
@@ -260,6 +281,7 @@ class ResidualBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   layers: int = 12
   attention_impl: str = "xla"
+  kv_length: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, _=None, pool_index=None):
@@ -271,7 +293,7 @@ class ResidualBlock(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
     y = LayerNorm(self.ln_eps, self.dtype, self.param_dtype, name="ln_1")(x)
     y = Attention(self.heads, self.causal, self.dtype, self.param_dtype, attn_std, proj_std,
-                  self.attention_impl, name="attn")(y, pool_index)
+                  self.attention_impl, self.kv_length, name="attn")(y, pool_index)
     x = (x if pool_index is None else take_rows(x, pool_index)) + y
     y = LayerNorm(self.ln_eps, self.dtype, self.param_dtype, name="ln_2")(x)
     y = MLP(int(width * self.mlp_ratio), self.act, self.dtype, self.param_dtype, fc_std, proj_std,
@@ -318,15 +340,25 @@ class Transformer(nn.Module):
       static = (3,) if isinstance(pool_index, int) and not self.scan_layers else ()
       block_cls = nn.remat(ResidualBlock, policy=REMAT_POLICIES[self.remat_policy],
                            prevent_cse=not self.scan_layers, static_argnums=static)
+    impl = resolve_attention_impl(self.attention_impl, self.dtype)
+    length = x.shape[1]
+    # cuDNN trains even lengths only: pad an odd sequence once with a token every layer's
+    # attention hides (kv_length), not q, k and v in every layer (5% of a ViT-L/14 step).
+    padded = impl == "cudnn" and length % 2 == 1
+    if padded:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
     kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, causal=self.causal, act=self.act,
                   ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  layers=self.layers, attention_impl=self.attention_impl)
+                  layers=self.layers, attention_impl=impl,
+                  kv_length=length if padded else None)
     if self.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(**kwargs, name="resblocks")(x, None)
-      return x if pool_index is None else take_rows(x, pool_index)[:, 0]
+      return x[:, :length] if pool_index is None else take_rows(x, pool_index)[:, 0]
     for i in range(self.layers):
       last = pool_index is not None and i == self.layers - 1
+      if last and padded:  # the pooled block's one query takes the unpadded keys
+        x, kwargs["kv_length"] = x[:, :length], None
       x, _ = block_cls(**kwargs, name=f"resblocks_{i}")(x, None, pool_index if last else None)
-    return x if pool_index is None else x[:, 0]
+    return x[:, :length] if pool_index is None else x[:, 0]
