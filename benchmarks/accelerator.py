@@ -8,7 +8,9 @@ memory analysis (bytes = fixed + per_sample * batch), takes the largest multiple
 --batch_multiple whose estimate fits in --memory_fraction of the device's memory, times
 --steps rounds of --block steps there (benchmarks/train_step.py; a batch that still runs out
 of memory is retried 25% smaller), then traces --profile_steps steps with the JAX profiler
-(benchmarks/step_profile.py's per-op summary). Each model's result is printed as a JSON
+(benchmarks/step_profile.py's per-op summary). `--variants` times several step variants
+(attention kernel, remat policy, scan, XLA options) at the one fitted batch; on a GPU,
+cuDNN attention is first checked against ours. Each result is printed as a JSON
 line and appended to OUT/accelerator.jsonl as soon as it is known, so a run cut short keeps
 what it measured; the last line printed holds all of them. --deadline_s skips what would
 start after that many seconds. Needs jax, flax, optax and ml_collections only (no data

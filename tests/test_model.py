@@ -209,9 +209,11 @@ def test_attention_impl_auto_resolves_by_backend_and_dtype():
   assert resolve_attention_impl("auto", jnp.bfloat16) == (
       "cudnn" if jax.default_backend() == "gpu" else "xla")
   assert resolve_attention_impl("auto", jnp.float32) == "xla"
-  assert resolve_attention_impl("cudnn", jnp.float32) == "cudnn"
+  assert resolve_attention_impl("xla", jnp.bfloat16) == "xla"
   with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
     resolve_attention_impl("flash")
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs"):
+    resolve_attention_impl("cudnn", jnp.float32)  # float32 anywhere, any dtype off a GPU
 
 
 def test_position_embedding_interpolation():

@@ -187,13 +187,21 @@ FUSED_ATTENTION_KERNEL = "cudnn"  # jax.nn.dot_product_attention's implementatio
 
 def resolve_attention_impl(impl: str, dtype=jnp.bfloat16) -> str:
   """"auto" -> "cudnn" (fused flash attention) on a GPU computing in bfloat16/float16, which
-  cuDNN requires; else "xla". "xla" and "cudnn" stay as they are."""
+  cuDNN requires; else "xla". "xla" and "cudnn" stay as they are; "cudnn" where it cannot
+  run is one clear error."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention_impl {impl!r}; known: {', '.join(ATTENTION_IMPLS)}")
-  if impl != "auto":
-    return impl
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  if impl == "auto":
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  if impl == "cudnn" and FUSED_ATTENTION_KERNEL == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention_impl='cudnn' needs a GPU with cuDNN (this backend: "
+                       f"{jax.default_backend()}); use 'auto' or 'xla'")
+    if not half:
+      raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute (dtype "
+                       f"{jnp.dtype(dtype).name}); use 'auto' or 'xla'")
+  return impl
 
 
 def fused_attention(q, k, v, causal: bool, kv_length: Optional[int] = None,
