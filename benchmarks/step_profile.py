@@ -8,7 +8,8 @@ profiler and prints clip_jax.profiling.summarize_trace's table: seconds per step
 category ("matmul" = ops containing a dot; the rest by op name: copies, transposes,
 scan's dynamic-(update-)slices, zero-filled buffers, optimizer fusions), then the top ops
 with shapes and achieved GFLOP/s. The last line is the JSON. On CPU the script turns on
-XLA's per-thunk trace events (--xla_cpu_enable_xprof_traceme).
+XLA's per-thunk trace events (--xla_cpu_enable_xprof_traceme); on a GPU it compiles the step
+without command buffers (see --keep_command_buffers) so every kernel names its op.
 """
 from __future__ import annotations
 
@@ -32,9 +33,14 @@ def main(argv=None):
   parser.set_defaults(steps=3)
   parser.add_argument("--trace_dir", default="", help="keep the trace here (default: a temp dir)")
   parser.add_argument("--top", type=int, default=25, help="how many of the slowest ops to list")
+  parser.add_argument("--keep_command_buffers", action="store_true",
+                      help="GPU: keep XLA's command buffers (CUDA graphs), under which the "
+                           "profiler cannot tell which op launched a cuBLAS/cuDNN kernel or copy")
   args = parser.parse_args(argv)
   threads = train_step.pin_threads(args.threads)
   import jax
+  if jax.default_backend() == "gpu" and not args.keep_command_buffers:
+    args.xla_option.append("xla_gpu_enable_command_buffer=")  # empty: none
 
   step, compile_s, _, _ = train_step.build_ours(args)
   for _ in range(max(args.warmup, 1)):
@@ -42,10 +48,13 @@ def main(argv=None):
   times, summary = profile(step, args.steps, args.trace_dir, args.top)
   for name, secs in summary["categories"].items():
     print(f"{secs:8.4f} s  {name}")
-  print("---- top ops (s/step, calls/step, shape, GFLOP/s)")
+  print("---- by model scope")
+  for scope, secs in summary["scopes"].items():
+    print(f"{secs:8.4f} s  {scope}")
+  print("---- top ops (s/step, calls/step, name, scope, shape, GFLOP/s)")
   for op in summary["top_ops"]:
-    print(f"{op['s_per_step']:8.4f} {op['calls_per_step']:5.1f} {op['name']:40s} "
-          f"{op['shape']} {op['gflops_per_s'] or ''}")
+    print(f"{op['s_per_step']:8.4f} {op['calls_per_step']:5.1f} {op['name'][:60]:40s} "
+          f"{op['scope']} {op['shape']} {op['gflops_per_s'] or ''}")
   result = {"model": args.model, "batch": args.batch, "steps": args.steps,
             "remat_policy": args.remat_policy, "scan_layers": args.scan_layers,
             "threads": threads, "device": jax.devices()[0].device_kind,
