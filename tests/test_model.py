@@ -197,6 +197,8 @@ def test_cudnn_path_pads_once_and_matches_xla(monkeypatch, scan_layers, remat_po
 
   fused = create_model("tiny", scan_layers=scan_layers, remat_policy=remat_policy,
                        attention_impl="cudnn")
+  jaxpr = str(jax.make_jaxpr(lambda p: fused.apply({"params": p}, images, tokens))(params))
+  assert jaxpr.count("pad[") == 2  # once per tower, not q, k and v in every layer
   (g0, out0), (g1, out1) = run(base), run(fused)
   for key in ("image_features", "text_features"):
     np.testing.assert_allclose(out1[key], out0[key], atol=2e-6)
