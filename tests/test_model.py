@@ -206,6 +206,31 @@ def test_cudnn_path_pads_once_and_matches_xla(monkeypatch, scan_layers, remat_po
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
 
 
+def test_dots_policy_keeps_the_cudnn_forward(monkeypatch):
+  """Under remat `dots` the backward pass reuses cuDNN attention's forward outputs instead of
+  running the fused forward again. Traced (not run) on CPU: jax's cuDNN availability checks
+  are stubbed, and the gradient's jaxpr counts the fused forward launches."""
+  fused_impl = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  if not all(hasattr(fused_impl, f) for f in ("check_cudnn_version", "check_compute_capability")):
+    pytest.skip("jax's cuDNN attention internals moved")
+  monkeypatch.setattr(fused_impl, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fused_impl, "check_compute_capability", lambda capability: True)
+  from clip_jax.models.layers import REMAT_POLICIES
+
+  def block(q, k, v):  # an odd length: the padded path
+    return jnp.sin(fused_attention(q, k, v, causal=True, implementation="cudnn")).sum()
+
+  def forward_launches(policy):
+    q = jnp.ones((2, 7, 2, 64), jnp.bfloat16)
+    fn = jax.checkpoint(block, policy=policy) if policy else block
+    return str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, q, q)).count(
+        "dot_product_attention_fwd")
+  assert forward_launches(None) == 1
+  assert forward_launches(jax.checkpoint_policies.dots_saveable) == 2  # jax's plain `dots`
+  assert forward_launches(REMAT_POLICIES["dots"]) == 1
+  assert forward_launches(REMAT_POLICIES["full"]) == 2
+
+
 def test_attention_impl_auto_resolves_by_backend_and_dtype():
   from clip_jax.models.layers import resolve_attention_impl
   assert resolve_attention_impl("auto", jnp.bfloat16) == (

@@ -21,10 +21,20 @@ from jax.ad_checkpoint import checkpoint_name
 Dtype = Any
 
 # Rematerialisation policies for the residual blocks (`CLIPConfig.remat_policy`).
+def fused_attention_saveable(prim, *_, **__) -> bool:
+  """A remat policy keeping cuDNN fused attention's forward outputs (the attention output
+  and its softmax statistics, ~1/8 of a ViT block's saved matmul outputs): without them the
+  backward pass runs the fused forward again (ViT-L/14 on an H100: 72 forward launches per
+  step instead of 36)."""
+  return prim.name.startswith("dot_product_attention_fwd")
+
+
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "none": None,                                  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    "dots": jax.checkpoint_policies.dots_saveable,     # keep matmul outputs
+    # keep matmul outputs, fused attention's included
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, fused_attention_saveable),
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
