@@ -125,7 +125,7 @@ def _dot_flops(body: str, instructions: dict) -> int:
 
 def _library_call(line: str, instructions: dict) -> tuple[str, int]:
   """(category, FLOPs) of a custom call into a GPU library: cuBLAS matmuls (FLOPs from
-  their dot dimension numbers) and cuDNN fused attention; ("", 0) for anything else."""
+  their dot dimension numbers), else `_kernel_category` of its target (cuDNN attention)."""
   import re
   target = re.search(r'custom_call_target="([^"]+)"', line)
   if not target:
@@ -140,9 +140,7 @@ def _library_call(line: str, instructions: dict) -> tuple[str, int]:
       dims = [int(d) for d in re.findall(r"\d+", contracting.group(1))]
       return "matmul", _matmul_flops(out, lhs, dims)
     return "matmul", 0
-  if "fmha" in target.group(1) or "cudnn" in target.group(1):
-    return "fused_attention", 0
-  return "", 0
+  return _kernel_category(target.group(1)), 0
 
 
 def _kernel_category(name: str) -> str:
@@ -235,8 +233,8 @@ def summarize_trace(trace_dir: str, hlo_text: str = "", steps: int = 1, top: int
       if opcode == "dot":
         flops = _dot_flops(line, instructions)
       elif opcode == "custom-call":
-        category, flops = _library_call(line, instructions)
-        category = category or _kernel_category(name)
+        library_category, flops = _library_call(line, instructions)
+        category = library_category or category
       elif called and called.group(1) in computations:
         flops = _dot_flops(computations[called.group(1)], instructions)
       op_names = re.findall(r'op_name="([^"]*)"', line)

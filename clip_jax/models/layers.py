@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
-# Rematerialisation policies for the residual blocks (`CLIPConfig.remat_policy`).
+
 def fused_attention_saveable(prim, *_, **__) -> bool:
   """A remat policy keeping cuDNN fused attention's forward outputs (the attention output
   and its softmax statistics, ~1/8 of a ViT block's saved matmul outputs): without them the
@@ -29,6 +29,7 @@ def fused_attention_saveable(prim, *_, **__) -> bool:
   return prim.name.startswith("dot_product_attention_fwd")
 
 
+# Rematerialisation policies for the residual blocks (`CLIPConfig.remat_policy`).
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "none": None,                                  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
