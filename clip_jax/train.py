@@ -326,25 +326,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ---- loop ----------------------------------------------------------------------------------
   _banner("loop")
-  last = {"time": time.time(), "step": start_step}
+  last = {"time": time.time(), "step": start_step, "data_wait": 0.0}
   last_metrics: dict[str, float] = {}
 
-  def finish(step: int, metrics) -> None:
+  def finish(step: int, metrics, data_wait: float) -> None:
     """Fetches a step's metrics (one step behind the device), checks them, logs them."""
     values = _fetch(metrics)
     _check_finite(step, values)
+    last["data_wait"] += data_wait
     if step % config.log_every and step != total_steps:
       return
     now = time.time()
-    step_time = (now - last["time"]) / max(step - last["step"], 1)
+    steps = max(step - last["step"], 1)
+    step_time = (now - last["time"]) / steps
     last.update(time=now, step=step)
     values["step_time_s"] = step_time
     values["samples_per_s"] = config.batch_size / step_time
-    skipped = np.asarray([train_iter.skipped_samples])
+    # Seconds per step the loop waited for its next batch (the slowest process's). The host
+    # fetches a batch while the device computes the step before it, so a wait well below
+    # step_time_s costs nothing; one near it means the input pipeline limits the run.
+    data = {"skipped": np.asarray([train_iter.skipped_samples], np.int32),
+            "wait": np.asarray([last["data_wait"] / steps], np.float32)}
+    last["data_wait"] = 0.0
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      skipped = multihost_utils.process_allgather(skipped)
-    values["data/skipped_samples"] = int(np.sum(skipped))
+      data = multihost_utils.process_allgather(data)
+    values["data/skipped_samples"] = int(np.sum(data["skipped"]))
+    values["data/wait_s"] = float(np.max(data["wait"]))
     mfu = metrics_lib.model_flops_utilization(flops_per_step, step_time, jax.device_count(),
                                               device_kind)
     if mfu is not None:
@@ -352,13 +360,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     writer.write(step, values)
     last_metrics.update(values)
 
-  pending: Optional[tuple[int, Any]] = None
+  pending: Optional[tuple[int, Any, float]] = None
   step = start_step
   profiler = StepProfiler.from_config(config, workdir)
   metrics = None
   try:
     while step < total_steps:
+      waited = time.perf_counter()
       batch = next(train_iter)
+      waited = time.perf_counter() - waited
       if config.debug_nan_at_step and step + 1 == config.debug_nan_at_step:
         batch = _poison(batch)
       if profiler:
@@ -367,7 +377,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       step += 1
       if pending is not None:
         finish(*pending)
-      pending = (step, metrics)
+      pending = (step, metrics, waited)
       preempted = _PREEMPTED.is_set() or checkpointer.reached_preemption(step)
       eval_due = config.eval_every > 0 and step % config.eval_every == 0
       save_due = step % config.checkpoint_every == 0 or step == total_steps or preempted

@@ -3,6 +3,7 @@ stop, init_from with a frozen tower."""
 import os
 import pathlib
 import sys
+import time
 
 import jax
 import numpy as np
@@ -11,13 +12,15 @@ import pytest
 from clip_jax import checkpoint as ckpt_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import train as train_lib
+from clip_jax.data import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 
+INPUT_DELAY_S = 0.05
 LOGGED_KEYS = {"step", "loss", "learning_rate", "logit_scale", "samples_per_s", "step_time_s",
-               "grad_norm", "data/skipped_samples"}
+               "grad_norm", "data/skipped_samples", "data/wait_s"}
 
 
 def _config(**overrides):
@@ -36,8 +39,16 @@ def base_run(tmp_path_factory):
   """A tiny run of 8 steps: checkpoints at 4 and 8, every step logged, eval at the end,
   a profiler trace of steps 2-3."""
   workdir = tmp_path_factory.mktemp("base")
-  final = train_lib.train(_config(total_steps=8, profile_start_step=2, profile_steps=2),
-                          str(workdir))
+  fetch = pipeline.DataIterator.__next__
+
+  def slow_fetch(self):  # an input pipeline slower than the tiny step: data/wait_s shows it
+    time.sleep(INPUT_DELAY_S)
+    return fetch(self)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipeline.DataIterator, "__next__", slow_fetch)
+    final = train_lib.train(_config(total_steps=8, profile_start_step=2, profile_steps=2),
+                            str(workdir))
   return workdir, final
 
 
@@ -57,6 +68,9 @@ def test_metrics_jsonl_and_tensorboard_carry_the_named_keys(base_run):
     assert LOGGED_KEYS <= set(record), set(record)
     assert "mfu" not in record  # the CPU has no known peak
     assert record["data/skipped_samples"] == 0
+    assert record["data/wait_s"] >= INPUT_DELAY_S, record
+  # Every step logged: the waits are part of the run's wall time.
+  assert sum(r["data/wait_s"] for r in steps) <= sum(r["step_time_s"] for r in steps)
   # Warmup of 2 steps then cosine: the logged lr is the schedule's value at that step.
   assert steps[0]["learning_rate"] < steps[1]["learning_rate"]
   assert steps[-1]["learning_rate"] < steps[2]["learning_rate"]
