@@ -147,8 +147,9 @@ EVALUATORS = {"synthetic": _SyntheticZeroshot}
 # ----------------------------------------------------------------------------------------------
 # init_from: a converted pretrained checkpoint or another run, whole or per tower.
 # ----------------------------------------------------------------------------------------------
-def load_init_params(config, model_config, fresh_params):
-  """`fresh_params` with the towers named by config.init_towers taken from config.init_from."""
+def load_init_params(config, model_config, abstract_params) -> dict:
+  """The towers named by config.init_towers, read from config.init_from: {key: params} (host
+  arrays in the model's dtypes), checked against the model's abstract params."""
   from clip_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from clip_jax.models import params as params_lib  # pylint: disable=g-import-not-at-top
   loaded, loaded_config = checkpoint.restore_params(config.init_from)
@@ -161,22 +162,21 @@ def load_init_params(config, model_config, fresh_params):
                  loaded_config.vision.grid_size, loaded_config.vision.grid_size, grid, grid)
     loaded = params_lib.interpolate_pos_embed(loaded, grid)
   if config.init_towers == "both":
-    keys = tuple(fresh_params)
+    keys = tuple(abstract_params)
   else:
     keys = TOWER_KEYS[config.init_towers]
-  merged = dict(fresh_params)
+  taken = {}
   for key in keys:
     if key not in loaded:
       raise ValueError(f"config.init_from={config.init_from} has no {key!r} parameters")
-    want, got = fresh_params[key], loaded[key]
+    want, got = abstract_params[key], loaded[key]
     if (jax.tree.structure(want) != jax.tree.structure(got)
         or [x.shape for x in jax.tree.leaves(want)] != [x.shape for x in jax.tree.leaves(got)]):
       raise ValueError(f"config.init_from={config.init_from}: the {key!r} parameters of "
                        f"{loaded_config.name} do not match config.model={config.model}")
-    merged[key] = jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), loaded[key],
-                               fresh_params[key])
+    taken[key] = jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), got, want)
   logging.info("init_from %s: took %s", config.init_from, ", ".join(keys))
-  return merged
+  return taken
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,12 +280,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       logging.info("resumed from %s at step %d", checkpointer.directory, latest)
     else:
       init_rng = jax.random.fold_in(rng, 0)
-      state, state_shardings = step_lib.create_train_state(config, mesh, init_rng)
-      if config.init_from:
-        params = load_init_params(config, model_config, jax.device_get(state.params))
-        del state
+      # init_from is read and checked before anything is initialised: a mismatch fails in
+      # seconds, and loading every parameter skips the random init.
+      loaded = (load_init_params(config, model_config, abstract_state.params)
+                if config.init_from else {})
+      if set(loaded) == set(abstract_state.params):
         state, state_shardings = step_lib.create_train_state(config, mesh, init_rng,
-                                                             params=params)
+                                                             params=loaded)
+      else:
+        state, state_shardings = step_lib.create_train_state(config, mesh, init_rng)
+        if loaded:
+          params = dict(jax.device_get(state.params), **loaded)
+          del state
+          state, state_shardings = step_lib.create_train_state(config, mesh, init_rng,
+                                                               params=params)
       logging.info("initialised from scratch%s",
                    f", then {config.init_towers} from {config.init_from}"
                    if config.init_from else "")

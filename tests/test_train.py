@@ -117,6 +117,18 @@ def test_init_from_with_a_frozen_image_tower(base_run, tmp_path):
   assert max(jax.tree.leaves(text_diff)) > 1e-3
 
 
+def test_init_from_both_towers_starts_from_the_checkpoint(base_run, tmp_path):
+  """Every parameter loaded (no random init needed): at learning rate 0 the one step leaves
+  them exactly the base run's."""
+  base_dir, _ = base_run
+  base_params, _ = ckpt_lib.restore_params(str(base_dir))
+  config = _config(total_steps=1, init_from=str(base_dir), eval_every=-1)
+  config.optimizer.learning_rate = 0.0
+  train_lib.train(config, str(tmp_path))
+  params, _ = ckpt_lib.restore_params(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, params, base_params)
+
+
 def test_init_from_mismatched_model_is_one_clear_error(base_run, tmp_path):
   base_dir, _ = base_run
   config = _config(total_steps=1, init_from=str(base_dir), eval_every=-1)
