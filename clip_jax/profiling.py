@@ -144,9 +144,12 @@ def _library_call(line: str, instructions: dict) -> tuple[str, int]:
 
 
 def _kernel_category(name: str) -> str:
-  """The category of a GPU library kernel known by its name alone (cuBLAS/CUTLASS matmuls,
-  cuDNN attention); '' for others."""
+  """The category of a GPU library kernel or custom-call target known by its name alone
+  (cuBLAS/CUTLASS matmuls, cuDNN attention, cuDNN LayerNorm from XLA's
+  xla_gpu_enable_cudnn_layer_norm rewrite: target `__cudnn$norm`); '' for others."""
   lowered = name.lower()
+  if "cudnn" in lowered and "norm" in lowered or lowered.startswith(("ln_fwd", "ln_bwd")):
+    return "layer_norm"
   if any(m in lowered for m in ("sdpa", "fmha", "flash", "cudnn")):
     return "fused_attention"
   if lowered.startswith(("nvjet", "sm90_xmma", "sm80_xmma", "cutlass")) or "gemm" in lowered:

@@ -88,3 +88,5 @@ def test_op_scope_and_gpu_library_calls():
       "fused_attention"
   assert _kernel_category("nvjet_sm90_tst_256x160_64x4_1x2_h_bz_coopA_NNT") == "matmul"
   assert _kernel_category("loop_add_fusion_4") == ""
+  assert _kernel_category("__cudnn$norm") == "layer_norm"
+  assert _kernel_category("__cudnn$fmhaSoftmax") == "fused_attention"
