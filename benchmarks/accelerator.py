@@ -8,7 +8,8 @@ memory analysis (bytes = fixed + per_sample * batch), takes the largest multiple
 --batch_multiple whose estimate fits in --memory_fraction of the device's memory, times
 --steps rounds of --block steps there (benchmarks/train_step.py; a batch that still runs out
 of memory is retried 25% smaller), then traces --profile_steps steps with the JAX profiler
-(benchmarks/step_profile.py's per-op summary). `--variants` times several step variants
+(benchmarks/step_profile.py's per-op summary; on a GPU of a second build of the step without
+XLA's command buffers, so that every kernel names its op). `--variants` times several step variants
 (attention kernel, remat policy, scan, XLA options) at the one fitted batch; on a GPU,
 cuDNN attention is first checked against ours. Each result is printed as a JSON
 line and appended to OUT/accelerator.jsonl as soon as it is known, so a run cut short keeps
@@ -19,6 +20,7 @@ stack, no torch); benchmarks/README.md has the device command.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import sys
@@ -59,6 +61,10 @@ def build_parser():
                       "is fitted for the first variant that compiles. Default: the flags alone")
   p.add_argument("--profile_all", action="store_true",
                  help="profile every variant (default: the one the batch is fitted for)")
+  p.add_argument("--profile_command_buffers", default="auto", choices=("auto", "off", "keep"),
+                 help="off: profile a second build of the step without XLA's command buffers, "
+                      "so the trace names the op of every cuBLAS/cuDNN kernel and copy (one "
+                      "more compile); keep: profile the timed step; auto: off on a GPU")
   p.add_argument("--check_attention", default="auto", choices=("auto", "yes", "no"),
                  help="compare cuDNN fused attention with ours before timing (auto: on GPU)")
   return p
@@ -126,10 +132,28 @@ def time_and_profile(args, record: dict, started: float) -> dict:
   record.update(result)
   if args.profile_steps and time.perf_counter() - started < args.deadline_s:
     try:  # A profiler failure keeps the timings above.
+      if rebuild_for_profile(args):
+        # Inside a command buffer the trace names the buffer, not the op that launched a
+        # library kernel; the timed step (with them) goes first, to free its memory.
+        del step
+        gc.collect()
+        profile_args = copy.copy(args)
+        profile_args.xla_option = [*args.xla_option, "xla_gpu_enable_command_buffer="]
+        step, _, _, _ = train_step.build_ours(profile_args)
+        for _ in range(max(args.warmup, 1)):
+          step()
       _, record["profile"] = step_profile.profile(step, args.profile_steps, top=15)
+      record["profile"]["command_buffers"] = not rebuild_for_profile(args)
     except Exception as e:  # noqa: BLE001
       record["profile_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
   return record
+
+
+def rebuild_for_profile(args) -> bool:
+  if args.profile_command_buffers == "auto":
+    import jax
+    return jax.default_backend() == "gpu"
+  return args.profile_command_buffers == "off"
 
 
 def failed(record: dict, e: Exception) -> dict:

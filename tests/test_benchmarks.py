@@ -63,7 +63,8 @@ def test_accelerator_run_fits_a_batch_without_the_data_stack(tmp_path):
   blocked = ("grain", "tensorflow_datasets", "tensorflow", "torch", "transformers")
   argv = ["benchmarks/accelerator.py", "--models", "tiny", "--memory_gb", "0.15", "--steps", "1",
           "--warmup", "1", "--profile_steps", "1", "--probe_batch", "8", "--batch_multiple", "8",
-          "--variants", "attention_impl=cudnn;remat_policy=dots", "--out", str(tmp_path / "out")]
+          "--variants", "attention_impl=cudnn;remat_policy=dots", "--out", str(tmp_path / "out"),
+          "--profile_command_buffers", "off"]  # the GPU default: a second build to profile
   code = (f"import sys, runpy\nfor m in {blocked!r}: sys.modules[m] = None\n"
           f"sys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')")
   summary = _last_json("-c", code)
@@ -81,3 +82,4 @@ def test_accelerator_run_fits_a_batch_without_the_data_stack(tmp_path):
   assert fit["estimated_gib"] <= usable < fit["estimated_gib"] + 8 * fit["per_sample_gib"] + 1e-3
   assert record["dtype"] == "bfloat16" and record["samples_per_s"] > 0
   assert record["profile"]["categories"]["matmul"] > 0
+  assert record["profile"]["command_buffers"] is False
