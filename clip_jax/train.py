@@ -294,9 +294,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           del state
           state, state_shardings = step_lib.create_train_state(config, mesh, init_rng,
                                                                params=params)
-      logging.info("initialised from scratch%s",
-                   f", then {config.init_towers} from {config.init_from}"
-                   if config.init_from else "")
+      logging.info("initialised %s", f"from {config.init_from}"
+                   if set(loaded) == set(abstract_state.params) else "from scratch" + (
+                       f", then {config.init_towers} from {config.init_from}" if loaded else ""))
     start_step = int(jax.device_get(state.step))
     writer = metrics_lib.MetricsWriter(
         workdir, total_steps=total_steps, start_step=start_step, is_primary=is_primary,
