@@ -182,6 +182,16 @@ def load_init_params(config, model_config, abstract_params) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------
+def use_compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache at `path` (config.compilation_cache_dir); compiles
+  that take 1 s or more are saved there and loaded by the next run that needs them."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_compilation_cache_dir != path:
+    compilation_cache.set_cache_dir(path)
+    compilation_cache.reset_cache()  # JAX opens its cache once, at the first compile
+  logging.info("compilation cache: %s", path)
+
+
 def _banner(title: str) -> None:
   logging.info("==== %s %s", title, "=" * max(0, 70 - len(title)))
 
@@ -238,6 +248,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     config.total_steps = total_steps  # the schedules read it
     is_primary = jax.process_index() == 0
     model_config = step_lib.model_config_from(config)
+    if config.compilation_cache_dir:
+      use_compilation_cache(config.compilation_cache_dir)
     logging.info("model %s %s, global batch %d, %d steps, workdir %s", config.model,
                  model_config.vision, config.batch_size, total_steps, workdir)
 

@@ -83,4 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.profile_start_step = 10          # first step of a JAX profiler trace (--profile)
   c.profile_steps = 0                # >0: trace that many steps into WORKDIR/profile
   c.debug_nan_at_step = 0            # >0: poison that step's batch with NaN (tests the NaN stop)
+  # JAX's persistent compilation cache (a local dir or gs://...; "" off): a resumed or
+  # restarted run loads its compiled step instead of compiling it again (and on a GPU,
+  # XLA's autotuning results).
+  c.compilation_cache_dir = ""
   return c

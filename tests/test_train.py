@@ -35,9 +35,23 @@ def _config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module's runs (config.compilation_cache_dir),
+  keeping even sub-second compiles; off again afterwards."""
+  from jax.experimental.compilation_cache import compilation_cache as cache_lib
+  path = tmp_path_factory.mktemp("compilation_cache")
+  min_compile_s = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield path
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+  jax.config.update("jax_compilation_cache_dir", None)
+  cache_lib.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, compilation_cache):
   """A tiny run of 8 steps: checkpoints at 4 and 8, every step logged, eval at the end,
-  a profiler trace of steps 2-3."""
+  a profiler trace of steps 2-3, compiled programs saved in a compilation cache."""
   workdir = tmp_path_factory.mktemp("base")
   fetch = pipeline.DataIterator.__next__
 
@@ -47,7 +61,8 @@ def base_run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(pipeline.DataIterator, "__next__", slow_fetch)
-    final = train_lib.train(_config(total_steps=8, profile_start_step=2, profile_steps=2),
+    final = train_lib.train(_config(total_steps=8, profile_start_step=2, profile_steps=2,
+                                    compilation_cache_dir=str(compilation_cache)),
                             str(workdir))
   return workdir, final
 
@@ -117,16 +132,29 @@ def test_init_from_with_a_frozen_image_tower(base_run, tmp_path):
   assert max(jax.tree.leaves(text_diff)) > 1e-3
 
 
-def test_init_from_both_towers_starts_from_the_checkpoint(base_run, tmp_path):
+def test_init_from_both_towers_starts_from_the_checkpoint(base_run, tmp_path,
+                                                          compilation_cache):
   """Every parameter loaded (no random init needed): at learning rate 0 the one step leaves
   them exactly the base run's."""
   base_dir, _ = base_run
   base_params, _ = ckpt_lib.restore_params(str(base_dir))
-  config = _config(total_steps=1, init_from=str(base_dir), eval_every=-1)
+  config = _config(total_steps=1, init_from=str(base_dir), eval_every=-1,
+                   compilation_cache_dir=str(compilation_cache))
   config.optimizer.learning_rate = 0.0
-  train_lib.train(config, str(tmp_path))
+  hits = []
+
+  def count_hits(event, **_):
+    hits.extend([event] if event == "/jax/compilation_cache/cache_hits" else [])
+
+  jax.monitoring.register_event_listener(count_hits)
+  try:
+    train_lib.train(config, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_listener(count_hits)
   params, _ = ckpt_lib.restore_params(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, params, base_params)
+  # The base run filled the cache; this run loaded (some of) its programs from it.
+  assert any(compilation_cache.iterdir()) and hits
 
 
 def test_init_from_mismatched_model_is_one_clear_error(base_run, tmp_path):
