@@ -31,15 +31,16 @@ def test_train_step_with_torch_peer():
   assert abs(result["ratio"] - result["samples_per_s"] / result["peer_samples_per_s"]) < 0.01 * result["ratio"]
 
 
-def test_compile_time_prints_one_line_per_case():
+def test_compile_time_prints_one_line_per_case(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "benchmarks/compile_time.py", "--models", "tiny",
-                        "--scan", "true,false", "--batch", "4"], cwd=REPO, env=env,
+                        "--scan", "true,false", "--batch", "4",
+                        "--compilation_cache_dir", str(tmp_path / "cache")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
   assert [(r["model"], r["scan_layers"]) for r in rows] == [("tiny", True), ("tiny", False)]
-  assert all(r["total_s"] >= r["compile_s"] > 0 for r in rows)
+  assert all(r["total_s"] >= r["compile_s"] > 0 and r["compilation_cache"] for r in rows)
 
 
 def test_step_profile_sums_the_trace_per_op():
