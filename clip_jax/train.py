@@ -186,6 +186,10 @@ def use_compilation_cache(path: str) -> None:
   """JAX's persistent compilation cache at `path` (config.compilation_cache_dir); compiles
   that take 1 s or more are saved there and loaded by the next run that needs them."""
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  try:  # JAX itself would only warn, at every compile
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"compilation_cache_dir={path} cannot be created: {e}") from e
   if jax.config.jax_compilation_cache_dir != path:
     compilation_cache.set_cache_dir(path)
     compilation_cache.reset_cache()  # JAX opens its cache once, at the first compile

@@ -157,6 +157,13 @@ def test_init_from_both_towers_starts_from_the_checkpoint(base_run, tmp_path,
   assert any(compilation_cache.iterdir()) and hits
 
 
+def test_unusable_compilation_cache_dir_is_one_clear_error(tmp_path):
+  (tmp_path / "file").write_text("")
+  config = _config(total_steps=1, compilation_cache_dir=str(tmp_path / "file" / "cache"))
+  with pytest.raises(train_lib.SetupError, match="compilation_cache_dir=.* cannot be created"):
+    train_lib.train(config, str(tmp_path / "run"))
+
+
 def test_init_from_mismatched_model_is_one_clear_error(base_run, tmp_path):
   base_dir, _ = base_run
   config = _config(total_steps=1, init_from=str(base_dir), eval_every=-1)
