@@ -131,8 +131,9 @@ def time_and_profile(args, record: dict, started: float) -> dict:
     raise RuntimeError(f"out of memory down to batch {args.batch}")
   record.update(result)
   if args.profile_steps and time.perf_counter() - started < args.deadline_s:
+    rebuild = rebuild_for_profile(args)
     try:  # A profiler failure keeps the timings above.
-      if rebuild_for_profile(args):
+      if rebuild:
         # Inside a command buffer the trace names the buffer, not the op that launched a
         # library kernel; the timed step (with them) goes first, to free its memory.
         del step
@@ -143,7 +144,7 @@ def time_and_profile(args, record: dict, started: float) -> dict:
         for _ in range(max(args.warmup, 1)):
           step()
       _, record["profile"] = step_profile.profile(step, args.profile_steps, top=15)
-      record["profile"]["command_buffers"] = not rebuild_for_profile(args)
+      record["profile"]["command_buffers"] = not rebuild
     except Exception as e:  # noqa: BLE001
       record["profile_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
   return record

@@ -1,6 +1,5 @@
 """The trainer in-process on 8 simulated devices: logged keys (jsonl + TensorBoard), the NaN
 stop, init_from with a frozen tower."""
-import os
 import pathlib
 import sys
 import time
