@@ -1,5 +1,5 @@
 """The trainer in-process on 8 simulated devices: logged keys (jsonl + TensorBoard), the NaN
-stop, init_from with a frozen tower."""
+stop, init_from (both towers; one tower, frozen), the persistent compilation cache."""
 import pathlib
 import sys
 import time
