@@ -134,12 +134,11 @@ def time_and_profile(args, record: dict, started: float) -> dict:
     rebuild = rebuild_for_profile(args)
     try:  # A profiler failure keeps the timings above.
       if rebuild:
-        # Inside a command buffer the trace names the buffer, not the op that launched a
-        # library kernel; the timed step (with them) goes first, to free its memory.
+        # The timed step (with command buffers) goes first, to free its memory.
         del step
         gc.collect()
         profile_args = copy.copy(args)
-        profile_args.xla_option = [*args.xla_option, "xla_gpu_enable_command_buffer="]
+        profile_args.xla_option = [*args.xla_option, step_profile.NO_COMMAND_BUFFERS]
         step, _, _, _ = train_step.build_ours(profile_args)
         for _ in range(max(args.warmup, 1)):
           step()

@@ -27,6 +27,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 
 import train_step  # noqa: E402  (benchmarks/train_step.py: the step and its options)
 
+# An XLA option (empty: no command types) compiling a GPU step without command buffers, in
+# which the profiler names the buffer instead of the op that launched each library kernel.
+NO_COMMAND_BUFFERS = "xla_gpu_enable_command_buffer="
+
 
 def main(argv=None):
   parser = train_step.build_parser(__doc__.split("\n")[0])
@@ -40,7 +44,7 @@ def main(argv=None):
   threads = train_step.pin_threads(args.threads)
   import jax
   if jax.default_backend() == "gpu" and not args.keep_command_buffers:
-    args.xla_option.append("xla_gpu_enable_command_buffer=")  # empty: none
+    args.xla_option.append(NO_COMMAND_BUFFERS)
 
   step, compile_s, _, _ = train_step.build_ours(args)
   for _ in range(max(args.warmup, 1)):
