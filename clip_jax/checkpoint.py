@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from clip_jax import distributed
+from clip_jax import distributed, params_io
 from clip_jax.models import CLIPConfig, abstract_params, create_model
 
 ITEMS = ("state", "data", "rng", "config", "model_config")
@@ -146,14 +146,12 @@ def _resolve_step(path: str) -> tuple[epath.Path, int]:
 def restore_params(path: str) -> tuple[Any, CLIPConfig]:
   """Parameters and model config of a checkpoint, as host numpy arrays.
 
-  `path`: a converted checkpoint (DIR/model_config.json + DIR/params, see clip_jax.convert),
+  `path`: a converted checkpoint (DIR/model_config.json + DIR/params, see clip_jax.params_io),
   a training workdir (its latest step), its checkpoints/ dir or one checkpoints/<step> dir.
   The params are unboxed, in the layer layout of the returned config (`scan_layers`).
   """
-  root = epath.Path(path)
-  if (root / "model_config.json").exists() and (root / "params").is_dir():
-    from clip_jax.inference import load_params  # pylint: disable=g-import-not-at-top
-    return load_params(path)
+  if params_io.is_converted_dir(path):
+    return params_io.load_params(path)
   directory, step = _resolve_step(path)
   step_dir = directory / str(step)
   model_config = CLIPConfig.from_dict(json.loads((step_dir / "model_config" / "metadata").read_text()))

@@ -6,7 +6,7 @@
 Reads OpenAI TorchScript archives, plain PyTorch state dicts (.pt/.pth/.bin, loaded with
 `weights_only=True`, so no arbitrary object is ever unpickled), .safetensors files and
 sharded Hugging Face checkpoints (`*.index.json` and the shards its weight_map lists); writes
-`DIR/model_config.json` + `DIR/params/` (see `clip_jax.inference.save_params`), atomically.
+`DIR/model_config.json` + `DIR/params/` (see `clip_jax.params_io`), atomically.
 
 Two key layouts are understood: OpenAI's (also open_clip's: `visual.conv1.weight`,
 `transformer.resblocks.N...`) and Hugging Face `CLIPModel`'s (`vision_model...`,
@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from clip_jax.params_io import save_params
 from clip_jax.models import (MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig, abstract_params,
                              create_model, get_model_config, scan_params)
 
@@ -593,7 +594,6 @@ def convert_file(path, *, source: Optional[str] = None, model: Optional[str] = N
 def convert(input_path, output_dir, *, source: str, model: Optional[str] = None,
             act: Optional[str] = None, overwrite: bool = False) -> CLIPConfig:
   """Converts `input_path` and writes `output_dir` atomically. Returns the model config."""
-  from clip_jax.inference import save_params  # pylint: disable=import-outside-toplevel
   output_dir = pathlib.Path(output_dir)
   if output_dir.exists() and not overwrite:  # fail before the (slow) conversion
     raise ValueError(f"--output {output_dir} already exists; remove it or pass --overwrite")

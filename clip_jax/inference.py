@@ -16,91 +16,21 @@ arrays or file paths through `clip_jax.preprocess`; `encode_text` takes int toke
 [N, context_length] or strings (tokenized with `clip_jax.tokenize`). Calls are jitted and
 batched; results are float32 numpy arrays.
 
-On disk a converted checkpoint is `DIR/model_config.json` (`CLIPConfig.to_dict()`) and
-`DIR/params/` (an Orbax StandardCheckpointer save of the plain params, scanned layout).
+The on-disk format of a converted checkpoint is `clip_jax.params_io`'s; trainer checkpoints
+are read by `clip_jax.checkpoint.restore_params`, other weights by `clip_jax.convert`.
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from clip_jax.models import CLIPConfig, abstract_params, create_model, scan_params, unscan_params
-
-CONFIG_FILE = "model_config.json"
-PARAMS_DIR = "params"
-
-
-def is_converted_dir(path) -> bool:
-  path = pathlib.Path(path)
-  return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
-
-
-def save_params(directory, params, model_config: CLIPConfig, *, overwrite: bool = False) -> None:
-  """Writes `params` (scanned or not, boxed or not) and `model_config` to `directory`.
-
-  Atomic: everything is written to a temporary dir beside `directory`, which is renamed into
-  place only when complete, so a failure leaves nothing at `directory`. Single-process only.
-  """
-  directory = pathlib.Path(directory).absolute()
-  if directory.exists() and not overwrite:
-    raise ValueError(f"{directory} already exists; remove it or pass overwrite=True (--overwrite)")
-  params = scan_params(nn.meta.unbox(params))
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint should read like any dir
-    (tmp / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / PARAMS_DIR, params)
-    if directory.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-      os.rename(directory, old / "d")
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def load_params(directory, sharding: Optional[jax.sharding.Sharding] = None):
-  """Reads a dir written by `save_params`. Returns (params, CLIPConfig).
-
-  Params are jax arrays placed with `sharding` (one sharding for every leaf; default: the first
-  local device), in the layout `config.scan_layers` asks for.
-  """
-  directory = pathlib.Path(directory).absolute()
-  if not is_converted_dir(directory):
-    raise ValueError(
-        f"{directory} is not a converted checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/ "
-        "in it)")
-  config = CLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-  if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = nn.meta.unbox(abstract_params(create_model(config.replace(scan_layers=True))))
-  target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(directory / PARAMS_DIR, target)
-  except ValueError as e:
-    raise ValueError(f"{directory / PARAMS_DIR} does not hold the parameters of the model in "
-                     f"{CONFIG_FILE}: {' '.join(str(e).split())}") from e
-  if not config.scan_layers:
-    params = unscan_params(params)
-  return params, config
-
+from clip_jax import checkpoint, convert
+from clip_jax.models import CLIPConfig, create_model
+from clip_jax.params_io import CONFIG_FILE, is_converted_dir, load_params
 
 def _bucket(n: int, batch_size: int) -> int:
   """Padded batch size for n items: a power of two up to `batch_size`, so few shapes compile."""
@@ -223,7 +153,6 @@ def load(path, *, batch_size: int = 256, dtype: Optional[str] = None,
   `dtype` overrides the compute dtype (e.g. "bfloat16" on TPU); parameters keep theirs.
   """
   path = pathlib.Path(path)
-  from clip_jax import convert  # pylint: disable=import-outside-toplevel
   to_convert = path.is_file() or (path.is_dir() and not is_converted_dir(path)
                                   and convert.weights_in_dir(path) is not None)
   if convert_kwargs and not to_convert:
@@ -234,12 +163,7 @@ def load(path, *, batch_size: int = 256, dtype: Optional[str] = None,
   elif to_convert:
     params, config = convert.convert_file(path, **convert_kwargs)
   elif path.is_dir():
-    try:
-      from clip_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ValueError(f"{path} is not a converted checkpoint (no {CONFIG_FILE}) and trainer "
-                       f"checkpoints cannot be read here ({e})") from e
-    params, config = restore_params(path)
+    params, config = checkpoint.restore_params(path)
   else:
     raise ValueError(f"{path} does not exist; pass a converted checkpoint dir, a trainer "
                      "workdir or step dir, a Hugging Face model dir or a .pt/.bin/.safetensors "

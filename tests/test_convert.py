@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import convert, inference
+from clip_jax import convert, inference, params_io
 from clip_jax.models import MODEL_CONFIGS, create_model, unscan_params
 
 from test_convert_utils import SMALL, hf_clip, hf_state_dict, openai_state_dict, random_tokens
@@ -48,7 +48,7 @@ def tiny_params(openai_numpy):
 @pytest.fixture(scope="module")
 def tiny_clip(tiny_params, tmp_path_factory):
   directory = tmp_path_factory.mktemp("tiny") / "ckpt"
-  inference.save_params(directory, tiny_params, MODEL_CONFIGS["tiny"])
+  params_io.save_params(directory, tiny_params, MODEL_CONFIGS["tiny"])
   return clip_jax.load(directory, batch_size=4)
 
 
@@ -158,25 +158,25 @@ def test_failed_write_leaves_nothing(monkeypatch, tiny_params, tmp_path):
   def broken_save(self, *args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(inference.ocp.StandardCheckpointer, "save", broken_save)
+  monkeypatch.setattr(params_io.ocp.StandardCheckpointer, "save", broken_save)
   with pytest.raises(OSError, match="disk full"):
-    inference.save_params(tmp_path / "ckpt", tiny_params, MODEL_CONFIGS["tiny"])
+    params_io.save_params(tmp_path / "ckpt", tiny_params, MODEL_CONFIGS["tiny"])
   assert _leftovers(tmp_path) == []
 
 
 def test_save_load_round_trip_and_overwrite(tiny_params, tmp_path):
   config = MODEL_CONFIGS["tiny"]
-  inference.save_params(tmp_path / "ckpt", tiny_params, config)
+  params_io.save_params(tmp_path / "ckpt", tiny_params, config)
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["model_config.json", "params"]
   with pytest.raises(ValueError, match="already exists"):
-    inference.save_params(tmp_path / "ckpt", tiny_params, config)
-  restored, restored_config = inference.load_params(tmp_path / "ckpt")
+    params_io.save_params(tmp_path / "ckpt", tiny_params, config)
+  restored, restored_config = params_io.load_params(tmp_path / "ckpt")
   assert restored_config == config
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, tiny_params)
 
   other = jax.tree_util.tree_map(lambda x: x + 1, tiny_params)
-  inference.save_params(tmp_path / "ckpt", other, config, overwrite=True)
-  restored, _ = inference.load_params(tmp_path / "ckpt")
+  params_io.save_params(tmp_path / "ckpt", other, config, overwrite=True)
+  restored, _ = params_io.load_params(tmp_path / "ckpt")
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, other)
   assert _leftovers(tmp_path) == ["ckpt"]
 
@@ -184,8 +184,8 @@ def test_save_load_round_trip_and_overwrite(tiny_params, tmp_path):
 def test_unscanned_config_loads_unscanned_params(tiny_params, tmp_path):
   config = MODEL_CONFIGS["tiny"].replace(scan_layers=False)
   params = unscan_params(tiny_params)
-  inference.save_params(tmp_path / "ckpt", params, config)  # stored scanned
-  restored, _ = inference.load_params(tmp_path / "ckpt")
+  params_io.save_params(tmp_path / "ckpt", params, config)  # stored scanned
+  restored, _ = params_io.load_params(tmp_path / "ckpt")
   assert "resblocks_1" in restored["visual"]["transformer"]
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
 

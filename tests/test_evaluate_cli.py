@@ -13,7 +13,7 @@ from clip_jax.models import create_model, init_params
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  from clip_jax.inference import save_params
+  from clip_jax.params_io import save_params
   model = create_model("tiny")
   path = tmp_path_factory.mktemp("ckpt") / "tiny"
   save_params(path, init_params(model, jax.random.PRNGKey(0)), model.config)
