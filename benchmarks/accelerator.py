@@ -39,7 +39,7 @@ OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
 
 
 def build_parser():
-  p = train_step.build_parser(__doc__.split("\n")[0])
+  p = train_step.build_parser(" ".join(__doc__.split("\n\n")[0].split()))
   p.set_defaults(dtype="bfloat16", steps=5, warmup=2, threads=0)
   p.add_argument("--models", default="vitb16,vitl14")
   p.add_argument("--out", default="", help="folder for accelerator.jsonl (default: none)")

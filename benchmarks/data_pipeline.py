@@ -1,4 +1,4 @@
-"""Input pipeline throughput: images per second of clip_jax.data's training stream on this host.
+r"""Input pipeline throughput: images per second of clip_jax.data's training stream on this host.
 
   python benchmarks/data_pipeline.py --make_shards /tmp/shards            # 4 x 512 256px JPEGs
   python benchmarks/data_pipeline.py --source wds --path '/tmp/shards/{00000..00003}.tar' \\

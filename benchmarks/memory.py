@@ -1,4 +1,4 @@
-"""Per-device memory of the compiled train step at a CLIP-sized global batch (compile only).
+r"""Per-device memory of the compiled train step at a CLIP-sized global batch (compile only).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
       python -m benchmarks.memory [--batch 32768] [--model tiny]
@@ -8,13 +8,17 @@ whether the optimised HLO holds a B x B buffer, and the compile time.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script too
 
-from clip_jax import sharding as shd
-from clip_jax import step as st
-from configs.common import get_config
+import jax  # noqa: E402
+
+from clip_jax import sharding as shd  # noqa: E402
+from clip_jax import step as st  # noqa: E402
+from configs.common import get_config  # noqa: E402
 
 CASES = (  # (devices, loss_impl, accum_steps)
     (8, "global", 1),
