@@ -34,7 +34,7 @@ def parse_args(argv):
   where = parser.add_mutually_exclusive_group(required=True)
   where.add_argument("--checkpoint", help="a converted model dir, a workdir or a checkpoint step dir")
   where.add_argument("--workdir", help="a training workdir: its latest checkpoint")
-  parser.add_argument("--task", required=True, choices=tuple(TASKS))
+  parser.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
   parser.add_argument("--dataset", required=True, help="synthetic, a TFDS name, or wds:PATTERN")
   parser.add_argument("--split", default=None, help="evaluation split (default: test)")
   parser.add_argument("--train_split", default="train", help="linear probe: the training split")
