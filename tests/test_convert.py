@@ -1,4 +1,5 @@
 """The converter's checks and errors, the checkpoint layout, and the inference API."""
+import json
 import math
 import os
 import pathlib
@@ -11,7 +12,9 @@ import pytest
 
 import clip_jax
 from clip_jax import convert, inference, params_io
-from clip_jax.models import MODEL_CONFIGS, create_model, unscan_params
+from clip_jax.convert.__main__ import main as convert_main
+from clip_jax.models import (MODEL_CONFIGS, OPEN_CLIP_NAMES, configs, create_model, open_clip_name,
+                             resolve_model_name, unscan_params)
 
 from test_convert_utils import SMALL, hf_clip, hf_state_dict, openai_state_dict, random_tokens
 
@@ -140,6 +143,129 @@ def test_cli_error_is_one_line_and_leaves_nothing(openai_numpy, tmp_path):
   assert "missing keys: ln_final.bias" in errors[0]
   assert "unexpected keys: visual.unknown" in errors[0]
   assert _leftovers(tmp_path) == ["bad.pt"]
+
+
+# open_clip's model names, as its src/open_clip/model_configs/*.json spell them.
+OPEN_CLIP_VIT_NAMES = {"ViT-B-32": "vitb32", "ViT-B-16": "vitb16", "ViT-L-14": "vitl14",
+                       "ViT-L-14-336": "vitl14_336"}
+# Notes name the matching open_clip model; tiny has none, so tests give it one.
+TINY_NAMES = {"ViT-T-8": ("tiny", "gelu"), "ViT-T-8-quickgelu": ("tiny", "quick_gelu")}
+TINY_NOTE = ("act gelu assumed (open_clip's default); for a QuickGELU checkpoint such as the "
+             "OpenAI or LAION-400M ones pass --model ViT-T-8-quickgelu or --act quick_gelu")
+
+
+@pytest.fixture
+def tiny_open_clip_names(monkeypatch):
+  for name, known in TINY_NAMES.items():
+    monkeypatch.setitem(configs.OPEN_CLIP_NAMES, name, known)
+
+
+@pytest.fixture
+def tiny_file(openai_numpy, tmp_path):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  (tmp_path / "weights").mkdir()
+  path = tmp_path / "weights" / "open_clip_model.safetensors"
+  safetensors_numpy.save_file(openai_numpy, path)
+  return path
+
+
+def test_open_clip_names_give_variant_and_act():
+  expected = {}
+  for base, variant in OPEN_CLIP_VIT_NAMES.items():
+    expected[base] = (variant, "gelu")
+    expected[base + "-quickgelu"] = (variant, "quick_gelu")
+  assert OPEN_CLIP_NAMES == expected
+  for name, (variant, act) in expected.items():
+    assert resolve_model_name(name) == (variant, act)
+    assert open_clip_name(variant, act) == name  # the exporter's way back
+  assert resolve_model_name("vitb32") == ("vitb32", None)
+  assert open_clip_name("tiny", "gelu") is None
+  with pytest.raises(ValueError, match=r"unknown model 'ViT-B-32-gelu'; known: .*vitb32.*, or "
+                                       r"open_clip's ViT-B-32, ViT-B-32-quickgelu"):
+    resolve_model_name("ViT-B-32-gelu")
+
+
+def test_open_clip_name_is_resolved_to_our_variant(openai_numpy):
+  # The tiny weights do not fit ViT-B-32: the error shows which variant the name chose.
+  with pytest.raises(ValueError, match=r"does not fit model 'vitb32': vision\.width 64"):
+    convert.convert_state_dict(openai_numpy, source="open_clip", model="ViT-B-32-quickgelu")
+
+
+@pytest.mark.parametrize("source, model, act, hints, expected_act", [
+    ("open_clip", "ViT-T-8-quickgelu", None, {}, "quick_gelu"),
+    ("open_clip", "ViT-T-8-quickgelu", "quick_gelu", {}, "quick_gelu"),
+    ("openai", "ViT-T-8", None, {}, "gelu"),  # the name beats the source's default
+    ("open_clip", "ViT-T-8", None, {"act": "gelu"}, "gelu"),
+    ("open_clip", "tiny", None, {"act": "quick_gelu"}, "quick_gelu"),  # open_clip_config.json
+    ("open_clip", "tiny", "gelu", {}, "gelu"),
+])
+def test_model_name_sets_the_activation(openai_numpy, tiny_open_clip_names, source, model, act,
+                                        hints, expected_act):
+  notes = []
+  _, config = convert.convert_state_dict(openai_numpy, source=source, model=model, act=act,
+                                         hints=hints, notify=notes.append)
+  assert (config.name, config.act) == ("tiny", expected_act)
+  assert notes == []  # the activation was given, not assumed
+
+
+def test_open_clip_default_act_is_noted_and_logged(openai_numpy, tiny_open_clip_names, caplog):
+  notes = []
+  _, config = convert.convert_state_dict(openai_numpy, source="open_clip", model="tiny",
+                                         notify=notes.append)
+  assert config.act == "gelu"
+  assert notes == [TINY_NOTE]
+  convert.convert_state_dict(openai_numpy, source="open_clip", model="tiny")  # Python API: logged
+  assert notes[0] in caplog.text
+
+
+def test_model_name_contradicting_the_config_beside_it(openai_numpy, tiny_open_clip_names):
+  with pytest.raises(ValueError, match=r"the config beside it says act quick_gelu but --model "
+                                       r"ViT-T-8 means gelu; pass --model ViT-T-8-quickgelu"):
+    convert.convert_state_dict(openai_numpy, source="open_clip", model="ViT-T-8",
+                               hints={"act": "quick_gelu"})
+
+
+HEADS = {"vision_cfg": {"heads": 4}, "text_cfg": {"heads": 4}}
+
+
+@pytest.mark.parametrize("args, model_cfg_beside, expected_act, noted", [
+    (["--model", "tiny"], None, "gelu", True),
+    ([], HEADS, "gelu", True),  # inferred; the open_clip_config.json names no activation
+    (["--model", "ViT-T-8-quickgelu"], None, "quick_gelu", False),
+    (["--model", "ViT-T-8"], None, "gelu", False),
+    (["--model", "tiny", "--act", "quick_gelu"], None, "quick_gelu", False),
+    (["--model", "tiny"], dict(HEADS, quick_gelu=True), "quick_gelu", False),
+])
+def test_cli_open_clip_activation(tiny_file, tiny_open_clip_names, capsys, args, model_cfg_beside,
+                                  expected_act, noted):
+  if model_cfg_beside is not None:
+    (tiny_file.parent / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg_beside}))
+  out = tiny_file.parent.parent / "out"
+  code = convert_main(["--source", "open_clip", "--input", str(tiny_file), "--output", str(out)]
+                      + args)
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  assert f": model 'tiny', act {expected_act}," in captured.out
+  assert params_io.load_params(out)[1].act == expected_act
+  notes = [line for line in captured.err.splitlines() if line.startswith("note: ")]
+  assert notes == (["note: " + TINY_NOTE] if noted else [])
+
+
+def test_cli_act_contradicting_model_name_is_one_error_line(tiny_file, capsys):
+  out = tiny_file.parent.parent / "out"
+  code = convert_main(["--source", "open_clip", "--input", str(tiny_file), "--output", str(out),
+                       "--model", "ViT-B-32-quickgelu", "--act", "gelu"])
+  assert code == 1
+  assert capsys.readouterr().err.splitlines() == [
+      "error: --act gelu contradicts --model ViT-B-32-quickgelu, which means act quick_gelu; drop "
+      "--act, or pass --model ViT-B-32"]
+  assert not out.exists()
+
+
+def test_load_takes_open_clip_names(tiny_file, tiny_open_clip_names):
+  clip = clip_jax.load(tiny_file, source="open_clip", model="ViT-T-8-quickgelu")
+  assert (clip.config.name, clip.config.act) == ("tiny", "quick_gelu")
 
 
 class _NotATensor:

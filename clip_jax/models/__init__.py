@@ -1,6 +1,7 @@
 """Flax modules of CLIP. Pure modules: no sharding code beyond logical axis names."""
 from clip_jax.models.clip import CLIP, abstract_params, count_params, create_model, init_params, l2_normalize
-from clip_jax.models.configs import (MODEL_CONFIGS, OPENAI_MEAN, OPENAI_STD, CLIPConfig, TextConfig,
-                                     VisionConfig, get_model_config)
+from clip_jax.models.configs import (MODEL_CONFIGS, OPEN_CLIP_NAMES, OPENAI_MEAN, OPENAI_STD,
+                                     CLIPConfig, TextConfig, VisionConfig, get_model_config,
+                                     open_clip_name, resolve_model_name)
 from clip_jax.models.flops import forward_flops_per_pair, train_flops_per_pair, train_flops_per_step
 from clip_jax.models.params import interpolate_pos_embed, scan_params, unscan_params

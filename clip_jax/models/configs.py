@@ -1,5 +1,8 @@
 """Model configurations: the exact OpenAI CLIP sizes plus a tiny variant for tests.
 
+`OPEN_CLIP_NAMES` maps open_clip's model names (ViT-B-32-quickgelu, ...) to a variant and
+an activation.
+
 A `CLIPConfig` is a frozen dataclass, so it can be hashed (jit static args), written
 beside a checkpoint as JSON (`to_dict`) and read back (`from_dict`).
 """
@@ -106,6 +109,31 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
         vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
         text=TextConfig(width=64, layers=2, heads=4)),
 }
+
+
+# open_clip's names of the same variants. The name also fixes the activation, as open_clip builds
+# them: "-quickgelu" is OpenAI's QuickGELU (OpenAI's and the LAION-400M weights), else exact GELU.
+_OPEN_CLIP_BASES = {"vitb32": "ViT-B-32", "vitb16": "ViT-B-16", "vitl14": "ViT-L-14",
+                    "vitl14_336": "ViT-L-14-336"}
+OPEN_CLIP_NAMES: dict[str, tuple[str, str]] = {
+    base + suffix: (variant, act)
+    for variant, base in _OPEN_CLIP_BASES.items()
+    for suffix, act in (("", "gelu"), ("-quickgelu", "quick_gelu"))}
+
+
+def resolve_model_name(name: str) -> tuple[str, Optional[str]]:
+  """(variant, activation) for an open_clip name; (name, None) for one of MODEL_CONFIGS."""
+  if name in OPEN_CLIP_NAMES:
+    return OPEN_CLIP_NAMES[name]
+  if name in MODEL_CONFIGS:
+    return name, None
+  raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}, or "
+                   f"open_clip's {', '.join(OPEN_CLIP_NAMES)}")
+
+
+def open_clip_name(variant: str, act: str) -> Optional[str]:
+  """open_clip's name of a variant with this activation, or None where it has none (tiny)."""
+  return next((name for name, known in OPEN_CLIP_NAMES.items() if known == (variant, act)), None)
 
 
 def get_model_config(name_or_config: "str | CLIPConfig | dict", **overrides) -> CLIPConfig:
