@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import checkpoint, convert
-from clip_jax.models import CLIPConfig, create_model
-from clip_jax.params_io import CONFIG_FILE, is_converted_dir, load_params
+from clip_jax.models import CLIPConfig, create_model, model_variables
+from clip_jax.params_io import is_converted_dir, load_params
 
 def _bucket(n: int, batch_size: int) -> int:
   """Padded batch size for n items: a power of two up to `batch_size`, so few shapes compile."""
@@ -54,10 +54,10 @@ class CLIPInference:
     self.batch_size = batch_size
 
     def encode_image(params, images):
-      return model.apply({"params": params}, images, method="encode_image")
+      return model.apply(model_variables(params), images, method="encode_image")
 
     def encode_text(params, tokens):
-      return model.apply({"params": params}, tokens, method="encode_text")
+      return model.apply(model_variables(params), tokens, method="encode_text")
 
     # jax.jit caches one executable per input shape; batches are padded to few shapes.
     self._encode_image = jax.jit(encode_image)

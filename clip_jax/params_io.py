@@ -1,7 +1,8 @@
 """The on-disk format of a converted model: `DIR/model_config.json` + `DIR/params/`.
 
 `model_config.json` is `CLIPConfig.to_dict()`; `params/` is an Orbax StandardCheckpointer save
-of the plain (unboxed) parameters in the scanned layer layout. The converter writes it
+of the plain (unboxed) parameters in the scanned layer layout (a ResNet's with its BatchNorm
+running statistics under the top-level key `batch_stats`, see `clip_jax.models.BATCH_STATS`). The converter writes it
 (`clip_jax.convert`), `clip_jax.load` and `init_from` read it (through
 `clip_jax.checkpoint.restore_params`, which also reads trainer checkpoints). This module
 imports none of them.
@@ -20,7 +21,8 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from clip_jax.models import CLIPConfig, abstract_params, create_model, scan_params, unscan_params
+from clip_jax.models import (CLIPConfig, abstract_loaded_params, create_model, scan_params,
+                             unscan_params)
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -75,7 +77,7 @@ def load_params(directory, sharding: Optional[jax.sharding.Sharding] = None):
   config = CLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = nn.meta.unbox(abstract_params(create_model(config.replace(scan_layers=True))))
+  shapes = abstract_loaded_params(create_model(config.replace(scan_layers=True)))
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
   try:

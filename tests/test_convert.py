@@ -74,7 +74,7 @@ def test_config_inferred_from_shapes(name):
   # Heads are not in the shapes: width / 64 holds for OpenAI's models; tiny's come from a hint.
   heads = {} if name in PUBLISHED_PARAMS else dict(vision_heads=config.vision.heads,
                                                     text_heads=config.text.heads)
-  inferred = convert.config_from_dims(dims, **heads)
+  inferred = convert.config_from_dims(dims, family=convert.config_family(config), **heads)
   assert inferred.name == name
   assert (inferred.vision, inferred.text, inferred.embed_dim) == (
       config.vision, config.text, config.embed_dim)

@@ -12,7 +12,9 @@ sharded Hugging Face checkpoints (`*.index.json` and the shards its weight_map l
 
 Two key layouts are understood: OpenAI's (also open_clip's: `visual.conv1.weight`,
 `transformer.resblocks.N...`) and Hugging Face `CLIPModel`'s (`vision_model...`,
-`text_model...`). The checkpoint is checked against the model before anything is written:
+`text_model...`). Both image families are read: the ViTs, and the paper's ResNets (OpenAI's
+and open_clip's ModifiedResNet, RN50 ... RN50x64, BatchNorm running statistics included; in
+OpenAI's layout only). The checkpoint is checked against the model before anything is written:
 missing, unexpected and mis-shaped keys are all reported in one ValueError. Without
 `--model`, the architecture is read off the tensor shapes (heads from a `config.json`
 beside the file, else width / 64 as in OpenAI's models). `--model` also takes open_clip's
@@ -20,7 +22,8 @@ names (`ViT-B-32-quickgelu`, ...), which fix the activation too; open_clip weigh
 with neither such a name nor `--act` get exact GELU, open_clip's default, and a note says so.
 
 The package: `readers` turns files into {name: array}; `text` maps the text tower's keys, shared
-by every image family, and `vit` the ViT image tower's (both are `blocks.TransformerTower`s);
+by every image family, `vit` the ViT image tower's (both are `blocks.TransformerTower`s) and
+`resnet` the ResNet's;
 this module detects the layout and the image family (`IMAGE_FAMILIES`: a new family is one
 module beside vit.py, with the functions vit.py has), checks the keys and writes the result;
 `__main__` is the command line.
@@ -33,17 +36,17 @@ import pathlib
 import re
 from typing import Callable, Optional
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
 
-from clip_jax.convert import readers, text, vit
+from clip_jax.convert import readers, resnet, text, vit
 from clip_jax.convert.readers import (HF_ACTS, _is_torchscript, read_sharded,  # noqa: F401
                                       read_state_dict, weights_in_dir)
 from clip_jax.params_io import save_params
-from clip_jax.models import (MODEL_CONFIGS, CLIPConfig, abstract_params, create_model,
-                             get_model_config, open_clip_name, resolve_model_name, scan_params)
+from clip_jax.models import (BATCH_STATS, MODEL_CONFIGS, CLIPConfig, abstract_loaded_params,
+                             create_model, get_model_config, open_clip_name, resolve_model_name,
+                             scan_params)
 
 SOURCES = ("openai", "open_clip", "hf")
 LAYOUTS = ("openai", "hf")
@@ -51,10 +54,11 @@ LAYOUTS = ("openai", "hf")
 # model name ends in -quickgelu; transformers' CLIPConfig defaults to quick_gelu.
 DEFAULT_ACT = {"openai": "quick_gelu", "open_clip": "gelu", "hf": "quick_gelu"}
 # The image towers, by family: each module maps its own keys; the text tower is shared.
-IMAGE_FAMILIES = {"vit": vit}
+IMAGE_FAMILIES = {"vit": vit, "resnet": resnet}
 # Buffers that are not parameters: OpenAI's TorchScript metadata, masks, HF position ids.
+# BatchNorm's num_batches_tracked (a counter) too.
 _IGNORED = re.compile(r"^(input_resolution|context_length|vocab_size)$|(^|\.)attn_mask$|"
-                      r"(^|\.)position_ids$")
+                      r"(^|\.)position_ids$|(^|\.)num_batches_tracked$")
 _MAX_LISTED = 20
 
 
@@ -184,14 +188,18 @@ def hf_to_openai(state, family: Optional[str] = None) -> dict[str, np.ndarray]:
 
 
 def openai_to_params(state, config: CLIPConfig) -> dict:
-  """Our params tree (unscanned: resblocks_0..L-1) from a checked OpenAI-layout state dict."""
+  """Our params tree (unscanned: resblocks_0..L-1) from a checked OpenAI-layout state dict; a
+  ResNet's BatchNorm running statistics under its top-level `batch_stats` key."""
+  image = IMAGE_FAMILIES[config_family(config)]
   params = {
-      "visual": IMAGE_FAMILIES[config_family(config)].to_params(state, config),
+      "visual": image.to_params(state, config),
       "text": text.to_params(state, config),
       "logit_scale": np.asarray(state["logit_scale"], np.float32).reshape(()),
   }
   if config.logit_bias_init is not None:
     params["logit_bias"] = np.asarray(state["logit_bias"], np.float32).reshape(())
+  if hasattr(image, "to_batch_stats"):
+    params[BATCH_STATS] = {"visual": image.to_batch_stats(state, config)}
   return params
 
 
@@ -200,7 +208,7 @@ def _check_tree(params, config: CLIPConfig) -> None:
   def flat(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
-  want = flat(nn.meta.unbox(abstract_params(create_model(config.replace(scan_layers=True)))))
+  want = flat(abstract_loaded_params(create_model(config.replace(scan_layers=True))))
   have = flat(params)
   if want != have:
     diff = sorted(f"{k}: {have.get(k)} vs model {want.get(k)}"

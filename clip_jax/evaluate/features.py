@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import distributed
-from clip_jax.models import CLIP, OPENAI_MEAN, OPENAI_STD, l2_normalize
+from clip_jax.models import CLIP, OPENAI_MEAN, OPENAI_STD, l2_normalize, model_variables
 from clip_jax.evaluate import zeroshot as zs
 
 METHODS = ("encode_image", "encode_text")
@@ -51,7 +51,7 @@ def _encoder(model: CLIP, method: str, normalize: bool, sharding: NamedSharding)
     if method == "encode_image" and inputs.dtype == jnp.uint8:
       # Raw pixels: scale to [0, 1] and standardise with the OpenAI statistics.
       inputs = (inputs.astype(jnp.float32) / 255.0 - mean) / std
-    features = model.apply({"params": params}, inputs, method=method)
+    features = model.apply(model_variables(params), inputs, method=method)
     return l2_normalize(features) if normalize else features.astype(jnp.float32)
 
   return jax.jit(encode, out_shardings=sharding)

@@ -1,4 +1,4 @@
-"""Model configurations: the exact OpenAI CLIP sizes plus a tiny variant for tests.
+"""Model configurations: the exact OpenAI CLIP sizes (ViTs and ResNets) plus tiny variants for tests.
 
 `OPEN_CLIP_NAMES` maps open_clip's model names (ViT-B-32-quickgelu, ...) to a variant and
 an activation.
@@ -34,6 +34,45 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+  """OpenAI's ModifiedResNet image tower (clip_jax.models.resnet).
+
+  layers: Bottleneck blocks in each of the 4 stages; width: the stem's output width (stage
+  widths are width, 2w, 4w, 8w, each block's output 4x that); heads: the attention pool's
+  (openai/CLIP: width * 32 // 64). The final feature map is image_size / 32 on a side.
+  """
+  image_size: int = 224
+  layers: tuple[int, ...] = (3, 4, 6, 3)
+  width: int = 64
+  heads: int = 32
+
+  def __post_init__(self):  # JSON gives a list; the config must stay hashable
+    object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // 32
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens of the attention pool: the feature map's positions plus the mean token."""
+    return self.grid_size ** 2 + 1
+
+  @property
+  def feature_width(self) -> int:
+    """Channels of the last stage, the attention pool's width."""
+    return self.width * 32
+
+
+def vision_config_from_dict(d: dict[str, Any]) -> "VisionConfig | ResNetConfig":
+  """A ViT config, or a ResNet one when `layers` is a list of stage depths (as openai/CLIP
+  tells them apart)."""
+  if isinstance(d.get("layers"), (list, tuple)):
+    return ResNetConfig(**d)
+  return VisionConfig(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class TextConfig:
   context_length: int = 77
   vocab_size: int = 49408
@@ -51,7 +90,7 @@ class CLIPConfig:
   LayerNorm, attention softmax and logits are always computed in float32.
   """
   embed_dim: int = 512
-  vision: VisionConfig = VisionConfig()
+  vision: "VisionConfig | ResNetConfig" = VisionConfig()
   text: TextConfig = TextConfig()
   act: str = "quick_gelu"                  # "quick_gelu" (OpenAI weights) or "gelu" (exact erf)
   ln_eps: float = 1e-5
@@ -66,10 +105,14 @@ class CLIPConfig:
 
   def replace(self, **kwargs) -> "CLIPConfig":
     """Returns a copy; `vision`/`text` may be given as dicts of fields to change."""
-    for tower, cls in (("vision", VisionConfig), ("text", TextConfig)):
+    for tower in ("vision", "text"):
       if isinstance(kwargs.get(tower), dict):
         kwargs[tower] = dataclasses.replace(getattr(self, tower), **kwargs[tower])
     return dataclasses.replace(self, **kwargs)
+
+  @property
+  def is_resnet(self) -> bool:
+    return isinstance(self.vision, ResNetConfig)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -81,7 +124,7 @@ class CLIPConfig:
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"unknown CLIPConfig field(s) {unknown}; known: {sorted(known)}")
-    d["vision"] = VisionConfig(**d.get("vision", {}))
+    d["vision"] = vision_config_from_dict(d.get("vision", {}))
     d["text"] = TextConfig(**d.get("text", {}))
     return cls(**d)
 
@@ -103,10 +146,27 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
         name="vitl14_336", embed_dim=768,
         vision=VisionConfig(image_size=336, patch_size=14, width=1024, layers=24, heads=16),
         text=TextConfig(width=768, layers=12, heads=12)),
+    # The paper's ResNets (Table 19/20): stage depths, stem width, image size, embed dim and
+    # text width; attention-pool heads width * 32 / 64, text heads width / 64, 12 text layers.
+    **{name: CLIPConfig(
+        name=name, embed_dim=embed,
+        vision=ResNetConfig(image_size=size, layers=layers, width=width, heads=width * 32 // 64),
+        text=TextConfig(width=text_width, layers=12, heads=text_width // 64))
+       for name, layers, width, size, embed, text_width in (
+           ("rn50", (3, 4, 6, 3), 64, 224, 1024, 512),
+           ("rn101", (3, 4, 23, 3), 64, 224, 512, 512),
+           ("rn50x4", (4, 6, 10, 6), 80, 288, 640, 640),
+           ("rn50x16", (6, 8, 18, 8), 96, 384, 768, 768),
+           ("rn50x64", (3, 15, 36, 10), 128, 448, 1024, 1024))},
     # Small enough for CPU tests and the demo; same structure as the real ones.
     "tiny": CLIPConfig(
         name="tiny", embed_dim=64,
         vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
+        text=TextConfig(width=64, layers=2, heads=4)),
+    # A ResNet of the same structure for CPU tests: 1 block per stage, 64px.
+    "tiny_rn": CLIPConfig(
+        name="tiny_rn", embed_dim=64,
+        vision=ResNetConfig(image_size=64, layers=(1, 1, 1, 1), width=16, heads=8),
         text=TextConfig(width=64, layers=2, heads=4)),
 }
 

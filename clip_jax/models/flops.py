@@ -1,8 +1,9 @@
 """Analytic FLOPs of CLIP (XLA's cost analysis counts a scanned layer body once).
 
-Counts 2 FLOPs per multiply-accumulate of every matmul (patch embedding, QKV, attention
-scores and values, output projection, MLP, final projections), as the published
-open_clip / OpenAI figures do; LayerNorm, softmax and activations are not counted.
+Counts 2 FLOPs per multiply-accumulate of every matmul and convolution (patch embedding,
+QKV, attention scores and values, output projection, MLP, final projections; a ResNet's
+convolutions and attention pool), as the published open_clip / OpenAI figures do;
+LayerNorm, BatchNorm, softmax, pooling and activations are not counted.
 """
 from __future__ import annotations
 
@@ -15,8 +16,38 @@ def _transformer_macs(tokens: int, width: int, layers: int, mlp_ratio: float) ->
   return layers * per_layer
 
 
+def _resnet_macs(cfg: CLIPConfig) -> int:
+  """OpenAI's ModifiedResNet (clip_jax.models.resnet): stem, Bottlenecks, attention pool."""
+  v = cfg.vision
+  size, width = v.image_size, v.width
+  conv = lambda side, k, cin, cout: side * side * k * k * cin * cout
+  size = (size + 1) // 2                     # the stem's stride-2 conv (padding 1)
+  macs = conv(size, 3, 3, width // 2) + conv(size, 3, width // 2, width // 2)
+  macs += conv(size, 3, width // 2, width)
+  size //= 2                                 # the stem's 2x2 average pool
+  inplanes = width
+  for stage, blocks in enumerate(v.layers):
+    planes = width * 2 ** stage
+    for block in range(blocks):
+      stride = 2 if stage > 0 and block == 0 else 1
+      out_size = size // stride              # the stride is an average pool before conv3
+      macs += conv(size, 1, inplanes, planes) + conv(size, 3, planes, planes)
+      macs += conv(out_size, 1, planes, 4 * planes)
+      if stride > 1 or inplanes != 4 * planes:
+        macs += conv(out_size, 1, inplanes, 4 * planes)  # the shortcut, after its pool
+      inplanes, size = 4 * planes, out_size
+  tokens, pool_width = size * size + 1, inplanes
+  macs += pool_width * pool_width                # q of the mean token
+  macs += 2 * tokens * pool_width * pool_width   # k and v of every token
+  macs += 2 * tokens * pool_width                # one query's scores and values
+  macs += pool_width * cfg.embed_dim             # c_proj
+  return macs
+
+
 def image_flops(config: "str | CLIPConfig") -> int:
   cfg = get_model_config(config)
+  if cfg.is_resnet:
+    return 2 * _resnet_macs(cfg)
   v = cfg.vision
   patches = v.grid_size ** 2
   macs = patches * v.patch_size ** 2 * 3 * v.width
