@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from clip_jax import distributed, params_io
-from clip_jax.models import CLIPConfig, abstract_params, create_model
+from clip_jax.models import (CLIPConfig, abstract_params, create_model, interpolate_pos_embed,
+                             scan_params, unscan_params)
 
 ITEMS = ("state", "data", "rng", "config", "model_config")
 _policies = ocp.checkpoint_managers
@@ -164,3 +165,36 @@ def restore_params(path: str) -> tuple[Any, CLIPConfig]:
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True))
   return restored["params"], model_config
+
+
+# ----------------------------------------------------------------------------------------------
+# init_from: a converted pretrained checkpoint or another run, whole or per tower.
+# ----------------------------------------------------------------------------------------------
+def load_init_params(config, model_config: CLIPConfig, target_params) -> dict:
+  """The towers named by config.init_towers, read from config.init_from: {key: params} (host
+  arrays in the model's dtypes), checked against the model's abstract `target_params`."""
+  from clip_jax.step import TOWER_PARAMS  # pylint: disable=g-import-not-at-top
+  loaded, loaded_config = restore_params(config.init_from)
+  if loaded_config.scan_layers != model_config.scan_layers:
+    loaded = (scan_params if model_config.scan_layers else unscan_params)(loaded)
+  grid = model_config.vision.grid_size
+  if loaded_config.vision.grid_size != grid and config.init_towers in ("both", "image"):
+    logging.info("init_from: interpolating the position embedding from %dx%d to %dx%d patches",
+                 loaded_config.vision.grid_size, loaded_config.vision.grid_size, grid, grid)
+    loaded = interpolate_pos_embed(loaded, grid)
+  if config.init_towers == "both":
+    keys = tuple(target_params)
+  else:
+    keys = (TOWER_PARAMS[config.init_towers],)
+  taken = {}
+  for key in keys:
+    if key not in loaded:
+      raise ValueError(f"config.init_from={config.init_from} has no {key!r} parameters")
+    want, got = target_params[key], loaded[key]
+    if (jax.tree.structure(want) != jax.tree.structure(got)
+        or [x.shape for x in jax.tree.leaves(want)] != [x.shape for x in jax.tree.leaves(got)]):
+      raise ValueError(f"config.init_from={config.init_from}: the {key!r} parameters of "
+                       f"{loaded_config.name} do not match config.model={config.model}")
+    taken[key] = jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), got, want)
+  logging.info("init_from %s: took %s", config.init_from, ", ".join(keys))
+  return taken

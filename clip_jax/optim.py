@@ -45,36 +45,47 @@ def tower_labels(params):
 def schedule_value(step, *, schedule: str, learning_rate: float, warmup_steps: int = 0,
                    total_steps: Optional[int] = None, end_lr_factor: float = 0.0,
                    cooldown_steps: int = 0, rsqrt_timescale: int = DEFAULT_RSQRT_TIMESCALE):
-  """The learning rate at `step` (int or array): linear warmup from 0, then `schedule`.
+  """The learning rate at `step` (int or int array): linear warmup from 0, then `schedule`.
 
   cosine / linear decay from `learning_rate` to `learning_rate * end_lr_factor` at
   `total_steps`; constant holds; rsqrt is lr / sqrt(1 + (step - warmup) / timescale).
   constant and rsqrt may end with a linear cooldown to the end value over the last
   `cooldown_steps`.
+
+  Steps are int32, as the train state's and optax's counts: every step count up to
+  2**31 - 1 works. The distances from the warmup end and to the last step are taken in
+  int32, exactly, before they become float32 fractions, so the schedule is the learning rate
+  at the warmup end and the end value at total_steps (float32 cannot tell a step near 2**31
+  from its neighbours).
   """
-  step = jnp.asarray(step, jnp.float32)
+  step = jnp.asarray(step, jnp.int32)
   lr, end = float(learning_rate), float(learning_rate) * float(end_lr_factor)
-  after = step - warmup_steps
+  after_warmup = jnp.maximum(step - warmup_steps, 0)
   if schedule in ("cosine", "linear"):
     if cooldown_steps:
       raise ValueError(f"optimizer.cooldown_steps={cooldown_steps} only applies to constant and "
                        f"rsqrt schedules; {schedule} already decays")
-    t = jnp.clip(after / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    t = _fraction(after_warmup, total_steps - warmup_steps)
     shape = 0.5 * (1.0 + jnp.cos(math.pi * t)) if schedule == "cosine" else 1.0 - t
-    value = end + (lr - end) * shape
+    value = lr * shape + end * (1.0 - shape)  # exactly lr at t = 0 and end at t = 1
   elif schedule == "constant":
-    value = jnp.full_like(step, lr)
+    value = jnp.full(step.shape, lr, jnp.float32)
   elif schedule == "rsqrt":
-    value = lr * jax.lax.rsqrt(1.0 + jnp.maximum(after, 0.0) / rsqrt_timescale)
+    value = lr * jax.lax.rsqrt(1.0 + after_warmup.astype(jnp.float32) / rsqrt_timescale)
   else:
     raise ValueError(f"optimizer.schedule={schedule!r} is unknown; use cosine, linear, constant "
                      "or rsqrt")
   if cooldown_steps:
-    frac = jnp.clip((total_steps - step) / cooldown_steps, 0.0, 1.0)
-    value = end + (value - end) * frac
+    left = _fraction(total_steps - step, cooldown_steps)
+    value = value * left + end * (1.0 - left)
   if warmup_steps:
-    value = jnp.where(step < warmup_steps, lr * step / warmup_steps, value)
+    value = jnp.where(step < warmup_steps, lr * (step.astype(jnp.float32) / warmup_steps), value)
   return value
+
+
+def _fraction(steps, of_steps: int):
+  """int32 `steps` / `of_steps` as float32, clipped to [0, 1]."""
+  return jnp.clip(steps.astype(jnp.float32) / max(of_steps, 1), 0.0, 1.0)
 
 
 def total_steps_from(config) -> Optional[int]:

@@ -10,6 +10,7 @@ latest one (onto any mesh). SIGTERM (preemption) saves the current step and exit
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as pylogging
 import math
@@ -40,8 +41,9 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Write a JAX profiler trace of co
                              "into WORKDIR/profile.")
 
 INIT_TOWERS = ("both", "image", "text")
-TOWER_KEYS = {"image": ("visual",), "text": ("text",)}  # param subtrees of each tower
 NAN_EXIT_CODE = 3
+# The longest run: TrainState.step and optax's step counts are int32.
+MAX_STEPS = int(np.iinfo(np.int32).max)
 
 # Set by SIGTERM (a preemption notice): the loop saves the current step and exits 0.
 _PREEMPTED = threading.Event()
@@ -79,6 +81,24 @@ def resolve_total_steps(config) -> int:
   return int(math.ceil(config.epochs * config.num_train_examples / config.batch_size))
 
 
+def _validate_step_counts(config) -> None:
+  """total_steps positive; it, warmup and cooldown within the int32 step of the state."""
+  total_steps = resolve_total_steps(config)
+  if total_steps <= 0:
+    raise ValueError(f"total_steps={total_steps} must be positive (config.total_steps or "
+                     "config.epochs * config.num_train_examples / config.batch_size)")
+  too_many = f"exceeds {MAX_STEPS}, the largest step the train state holds (int32)"
+  if total_steps > MAX_STEPS:
+    if config.total_steps is not None:
+      raise ValueError(f"total_steps={total_steps} (config.total_steps) {too_many}")
+    raise ValueError(f"total_steps={total_steps} (config.epochs * config.num_train_examples / "
+                     f"config.batch_size) {too_many}; raise config.batch_size or set "
+                     "config.total_steps")
+  for field in ("warmup_steps", "cooldown_steps"):
+    if config.optimizer.get(field, 0) > MAX_STEPS:
+      raise ValueError(f"config.optimizer.{field}={config.optimizer[field]} {too_many}")
+
+
 def validate_config(config, *, check_data: bool = True) -> None:
   """Raises ValueError (one line naming the field) for a config that cannot train."""
   try:
@@ -89,10 +109,7 @@ def validate_config(config, *, check_data: bool = True) -> None:
     unknown = sorted(_flat_keys(config) - _flat_keys(common.get_config()))
     if unknown:
       raise ValueError(f"unknown config field(s) {unknown}; see configs/common.py for the fields")
-  total_steps = resolve_total_steps(config)
-  if total_steps <= 0:
-    raise ValueError(f"total_steps={total_steps} must be positive (config.total_steps or "
-                     "config.epochs * config.num_train_examples / config.batch_size)")
+  _validate_step_counts(config)
   for field, minimum in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
                          ("keep_every", 0), ("eval_every", -1), ("debug_nan_at_step", 0),
                          ("optimizer.warmup_steps", 0)):
@@ -145,42 +162,7 @@ EVALUATORS = {"synthetic": _SyntheticZeroshot}
 
 
 # ----------------------------------------------------------------------------------------------
-# init_from: a converted pretrained checkpoint or another run, whole or per tower.
-# ----------------------------------------------------------------------------------------------
-def load_init_params(config, model_config, abstract_params) -> dict:
-  """The towers named by config.init_towers, read from config.init_from: {key: params} (host
-  arrays in the model's dtypes), checked against the model's abstract params."""
-  from clip_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from clip_jax.models import params as params_lib  # pylint: disable=g-import-not-at-top
-  loaded, loaded_config = checkpoint.restore_params(config.init_from)
-  if loaded_config.scan_layers != model_config.scan_layers:
-    loaded = (params_lib.scan_params if model_config.scan_layers
-              else params_lib.unscan_params)(loaded)
-  grid = model_config.vision.grid_size
-  if loaded_config.vision.grid_size != grid and config.init_towers in ("both", "image"):
-    logging.info("init_from: interpolating the position embedding from %dx%d to %dx%d patches",
-                 loaded_config.vision.grid_size, loaded_config.vision.grid_size, grid, grid)
-    loaded = params_lib.interpolate_pos_embed(loaded, grid)
-  if config.init_towers == "both":
-    keys = tuple(abstract_params)
-  else:
-    keys = TOWER_KEYS[config.init_towers]
-  taken = {}
-  for key in keys:
-    if key not in loaded:
-      raise ValueError(f"config.init_from={config.init_from} has no {key!r} parameters")
-    want, got = abstract_params[key], loaded[key]
-    if (jax.tree.structure(want) != jax.tree.structure(got)
-        or [x.shape for x in jax.tree.leaves(want)] != [x.shape for x in jax.tree.leaves(got)]):
-      raise ValueError(f"config.init_from={config.init_from}: the {key!r} parameters of "
-                       f"{loaded_config.name} do not match config.model={config.model}")
-    taken[key] = jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), got, want)
-  logging.info("init_from %s: took %s", config.init_from, ", ".join(keys))
-  return taken
-
-
-# ----------------------------------------------------------------------------------------------
-# The run.
+# Set up: the run, its mesh and its input.
 # ----------------------------------------------------------------------------------------------
 def use_compilation_cache(path: str) -> None:
   """JAX's persistent compilation cache at `path` (config.compilation_cache_dir); compiles
@@ -200,6 +182,220 @@ def _banner(title: str) -> None:
   logging.info("==== %s %s", title, "=" * max(0, 70 - len(title)))
 
 
+class _setup_errors:  # pylint: disable=invalid-name
+  """Re-raises a ValueError of the setup as SetupError: one line for the user, no traceback."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None and issubclass(exc_type, ValueError) and exc_type is not SetupError:
+      raise SetupError(str(exc)) from exc
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every stage reads: the config (total_steps resolved), workdir, model config, mesh."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model_config: Any  # clip_jax.models.CLIPConfig
+  mesh: jax.sharding.Mesh
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.total_steps
+
+  @property
+  def image_size(self) -> int:
+    return self.model_config.vision.image_size
+
+  @property
+  def is_primary(self) -> bool:
+    return jax.process_index() == 0
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Validates the config, resolves total_steps (the schedules read it), turns on the
+  compilation cache and builds the mesh."""
+  from clip_jax import sharding  # pylint: disable=g-import-not-at-top
+  from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  _banner("config")
+  validate_config(config)
+  config.total_steps = resolve_total_steps(config)
+  model_config = step_lib.model_config_from(config)
+  if config.compilation_cache_dir:
+    use_compilation_cache(config.compilation_cache_dir)
+  logging.info("model %s %s, global batch %d, %d steps, workdir %s", config.model,
+               model_config.vision, config.batch_size, config.total_steps, workdir)
+
+  _banner("mesh")
+  mesh = sharding.create_mesh(config)
+  logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
+               jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
+  return Run(config, workdir, model_config, mesh)
+
+
+def make_train_input(run: Run, start_step: int = 0):
+  """This process's part of the training stream as global batches on the mesh, starting
+  where `start_step` global batches end."""
+  from clip_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from clip_jax import sharding  # pylint: disable=g-import-not-at-top
+  return data_lib.make_train_iterator(run.config, sharding.batch_sharding(run.mesh),
+                                      image_size=run.image_size, start_step=start_step)
+
+
+def open_input(run: Run):
+  """The training stream from its start (a resume moves it on, see restore_state)."""
+  _banner("input")
+  train_iter = make_train_input(run)
+  logging.info("data.source=%s at %dpx", run.config.data.source, run.image_size)
+  return train_iter
+
+
+# ----------------------------------------------------------------------------------------------
+# Build or restore the state: a fresh init, init_from, or the workdir's latest checkpoint.
+# ----------------------------------------------------------------------------------------------
+def build_or_restore_state(run: Run, train_iter):
+  """The state the loop starts from: the workdir's latest checkpoint, else a fresh one.
+
+  Returns (state, state_shardings, rng, train_iter, checkpointer); train_iter is rebuilt
+  when the checkpoint's input states were written by another number of processes.
+  """
+  from clip_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  config = run.config
+  _banner("model / state")
+  abstract_state, state_shardings = step_lib.abstract_train_state(config, run.mesh)
+  checkpointer = checkpoint_lib.Checkpointer(
+      run.workdir, checkpoint_every=config.checkpoint_every,
+      keep_checkpoints=config.keep_checkpoints, keep_every=config.keep_every)
+
+  _banner("checkpoint restore")
+  rng = jax.random.key(config.seed)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state, state_shardings = init_state(run, jax.random.fold_in(rng, 0), abstract_state.params)
+  else:
+    state, rng, train_iter = restore_state(run, checkpointer, latest, abstract_state,
+                                           state_shardings, train_iter)
+  return state, state_shardings, rng, train_iter, checkpointer
+
+
+def init_state(run: Run, rng: jax.Array, abstract_params) -> tuple[Any, Any]:
+  """(state, shardings) of a fresh run: random, or config.init_from's towers over it.
+
+  init_from is read and checked before anything is initialised: a mismatch fails in
+  seconds, and loading every parameter skips the random init.
+  """
+  from clip_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  config, mesh = run.config, run.mesh
+  loaded = (checkpoint_lib.load_init_params(config, run.model_config, abstract_params)
+            if config.init_from else {})
+  if set(loaded) == set(abstract_params):
+    state, shardings = step_lib.create_train_state(config, mesh, rng, params=loaded)
+    logging.info("initialised from %s", config.init_from)
+    return state, shardings
+  state, shardings = step_lib.create_train_state(config, mesh, rng)
+  if loaded:
+    params = dict(jax.device_get(state.params), **loaded)
+    del state
+    state, shardings = step_lib.create_train_state(config, mesh, rng, params=params)
+  logging.info("initialised from scratch%s",
+               f", then {config.init_towers} from {config.init_from}" if loaded else "")
+  return state, shardings
+
+
+def restore_state(run: Run, checkpointer, step: int, abstract_state, state_shardings,
+                  train_iter):
+  """(state, rng, train_iter) of checkpoint `step`, onto this run's mesh whatever mesh or
+  device count wrote it; the input continues after that step's batches."""
+  state, data_state, rng = checkpointer.restore(step, abstract_state, state_shardings)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  elif run.config.data.source != "wds":  # Written by another number of processes.
+    train_iter.close()
+    train_iter = make_train_input(run, start_step=step)
+    logging.info("input continues after the %d global batches of step %d (the checkpoint "
+                 "was written by another number of processes)", step, step)
+  logging.info("resumed from %s at step %d", checkpointer.directory, step)
+  return state, rng, train_iter
+
+
+def open_writer(run: Run, start_step: int):
+  """The metrics writer (jsonl, TensorBoard, wandb, console) from `start_step` on."""
+  from clip_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  config = run.config
+  return metrics_lib.MetricsWriter(
+      run.workdir, total_steps=run.total_steps, start_step=start_step,
+      is_primary=run.is_primary, progress_bar=config.progress_bar,
+      wandb_config=config.wandb.to_dict(), run_config=config.to_dict())
+
+
+def write_config_json(run: Run) -> None:
+  if run.is_primary:
+    (epath.Path(run.workdir) / "config.json").write_text(
+        run.config.to_json_best_effort(indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+def _poison(batch):
+  """config.debug_nan_at_step: NaN images make that step's loss and gradients NaN."""
+  return dict(batch, images=batch["images"] * jnp.array(jnp.nan, batch["images"].dtype))
+
+
+def _next_batch(train_iter, step: int, config) -> tuple[dict, float]:
+  """The batch of `step` and the seconds the loop waited for it."""
+  start = time.perf_counter()
+  batch = next(train_iter)
+  waited = time.perf_counter() - start
+  if config.debug_nan_at_step and step == config.debug_nan_at_step:
+    batch = _poison(batch)
+  return batch, waited
+
+
+def train_loop(run: Run, state, train_step, *, start_step: int, train_iter, checkpointer,
+               rng: jax.Array, log: StepLog) -> None:
+  """Steps from start_step to total_steps, evaluating and saving when due and at the end.
+
+  A preemption saves the current step and stops; a step that goes non-finite raises
+  NonFiniteLossError before anything evaluates or saves it.
+  """
+  config = run.config
+  profiler = StepProfiler.from_config(config, run.workdir)
+  step, metrics = start_step, None
+  try:
+    while step < run.total_steps:
+      batch, waited = _next_batch(train_iter, step + 1, config)
+      if profiler:
+        profiler.before_step(step, metrics)
+      state, metrics = train_step(state, batch)
+      step += 1
+      log.after_step(step, metrics, waited)
+      preempted = _PREEMPTED.is_set() or checkpointer.reached_preemption(step)
+      eval_due = config.eval_every > 0 and step % config.eval_every == 0
+      save_due = step % config.checkpoint_every == 0 or step == run.total_steps or preempted
+      if eval_due or save_due:
+        log.flush()  # never evaluate or save a state whose step went non-finite
+      if eval_due or (step == run.total_steps and config.eval_every >= 0):
+        log.evaluate(step, state.params)
+      if save_due:
+        save_checkpoint(run, checkpointer, step, state, train_iter, rng)
+      if preempted:
+        logging.info("preempted: saved step %d, exiting", step)
+        break
+    log.flush()
+  finally:
+    if profiler:
+      profiler.close(metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and logging, one step behind the device.
+# ----------------------------------------------------------------------------------------------
 def _fetch(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items() if v is not None}
 
@@ -214,216 +410,144 @@ def _check_finite(step: int, values: dict[str, float]) -> None:
         "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm")
 
 
-def _poison(batch):
-  """config.debug_nan_at_step: NaN images make that step's loss and gradients NaN."""
-  return dict(batch, images=batch["images"] * jnp.array(jnp.nan, batch["images"].dtype))
+def input_stats(skipped_samples: int, wait_s: float) -> dict[str, float]:
+  """data/skipped_samples (summed over the processes) and data/wait_s (the slowest
+  process's seconds per step waiting for a batch); a host collective when multi-process."""
+  # The count as two int32 words: the allgather goes through jax arrays, int32 without x64.
+  data = {"skipped": np.asarray(divmod(skipped_samples, 2**31), np.int32),
+          "wait": np.asarray([wait_s], np.float32)}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    data = multihost_utils.process_allgather(data)
+  high, low = np.asarray(data["skipped"], np.int64).reshape(-1, 2).sum(axis=0)
+  return {"data/skipped_samples": int(high) * 2**31 + int(low),
+          "data/wait_s": float(np.max(data["wait"]))}
 
 
-class _setup_errors:  # pylint: disable=invalid-name
-  """Re-raises a ValueError of the setup as SetupError: one line for the user, no traceback."""
+class StepLog:
+  """Logs each step's metrics one step behind the device, and the evaluations.
 
-  def __enter__(self):
-    return self
+  The host fetches step N's metrics once step N+1 is dispatched, so the device never waits
+  for it; `flush` fetches at once. Every fetch checks that the step stayed finite.
+  """
 
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is not None and issubclass(exc_type, ValueError) and exc_type is not SetupError:
-      raise SetupError(str(exc)) from exc
-    return False
+  def __init__(self, run: Run, writer, train_iter, start_step: int):
+    from clip_jax.models import create_model, train_flops_per_step  # pylint: disable=g-import-not-at-top
+    self._run, self._writer, self._train_iter = run, writer, train_iter
+    self._model = create_model(run.model_config)
+    self._evaluators = {name: EVALUATORS[name]() for name in run.config.evals}
+    self._flops_per_step = train_flops_per_step(run.model_config, run.config.batch_size)
+    self._device_kind = jax.devices()[0].device_kind
+    self._pending: Optional[tuple[int, Any, float]] = None  # (step, metrics, data wait)
+    self._last_time, self._last_step, self._data_wait = time.time(), start_step, 0.0
+    self.last_metrics: dict[str, float] = {}  # the last logged values and evaluations
+
+  def after_step(self, step: int, metrics, data_wait: float) -> None:
+    """Queues `step`'s metrics and finishes the step before it."""
+    self.flush()
+    self._pending = (step, metrics, data_wait)
+
+  def flush(self) -> None:
+    """Finishes the queued step now (before an evaluation, a save, the end)."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._finish(*pending)
+
+  def _finish(self, step: int, metrics, data_wait: float) -> None:
+    """Fetches a step's metrics, checks them, and logs them every config.log_every steps."""
+    values = _fetch(metrics)
+    _check_finite(step, values)
+    self._data_wait += data_wait
+    if step % self._run.config.log_every == 0 or step == self._run.total_steps:
+      self._log(step, values)
+
+  def _log(self, step: int, values: dict[str, float]) -> None:
+    from clip_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    now = time.time()
+    steps = max(step - self._last_step, 1)
+    step_time = (now - self._last_time) / steps
+    self._last_time, self._last_step = now, step
+    values["step_time_s"] = step_time
+    values["samples_per_s"] = self._run.config.batch_size / step_time
+    # The host fetches a batch while the device computes the step before it, so a wait well
+    # below step_time_s costs nothing; one near it means the input pipeline limits the run.
+    values.update(input_stats(self._train_iter.skipped_samples, self._data_wait / steps))
+    self._data_wait = 0.0
+    mfu = metrics_lib.model_flops_utilization(self._flops_per_step, step_time,
+                                              jax.device_count(), self._device_kind)
+    if mfu is not None:
+      values["mfu"] = mfu
+    self._writer.write(step, values)
+    self.last_metrics.update(values)
+
+  def evaluate(self, step: int, params) -> None:
+    """Runs config.evals on `params` and logs their results."""
+    run, results = self._run, {}
+    for name, evaluator in self._evaluators.items():
+      t0 = time.time()
+      for metric, value in evaluator(self._model, params, run.mesh, run.config.evals[name],
+                                     run.image_size).items():
+        results[f"eval/{name}/{metric}"] = float(value)
+      logging.info("step %d eval %s: %s (%.1fs)", step, name,
+                   {k: round(v, 4) for k, v in results.items() if f"/{name}/" in k},
+                   time.time() - t0)
+    if results:
+      self._writer.write(step, results)
+    self.last_metrics.update(results)
 
 
+# ----------------------------------------------------------------------------------------------
+# Save and close.
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(run: Run, checkpointer, step: int, state, train_iter, rng: jax.Array):
+  """Starts saving `step` (every process calls it): the state, every process's input
+  state, the rng, the config and the model config."""
+  checkpointer.save(step, state, data_state=train_iter.get_state(), rng=rng,
+                    config_json=run.config.to_json_best_effort(),
+                    model_config=run.model_config, force=True)
+
+
+def close_run(checkpointer, writer) -> None:
+  checkpointer.close()  # lets the in-flight saves of good steps commit
+  writer.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains to config.total_steps, resuming from WORKDIR's latest checkpoint if any.
 
   Returns the last logged metrics (with the final evaluation). Raises SetupError for a user
   error found before the first step and NonFiniteLossError when a step goes NaN/inf.
   """
-  from clip_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from clip_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from clip_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from clip_jax import sharding  # pylint: disable=g-import-not-at-top
   from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from clip_jax.models import create_model, train_flops_per_step  # pylint: disable=g-import-not-at-top
-
   with _setup_errors():
-    # ---- config ------------------------------------------------------------------------------
-    _banner("config")
-    validate_config(config)
-    total_steps = resolve_total_steps(config)
-    config.total_steps = total_steps  # the schedules read it
-    is_primary = jax.process_index() == 0
-    model_config = step_lib.model_config_from(config)
-    if config.compilation_cache_dir:
-      use_compilation_cache(config.compilation_cache_dir)
-    logging.info("model %s %s, global batch %d, %d steps, workdir %s", config.model,
-                 model_config.vision, config.batch_size, total_steps, workdir)
-
-    # ---- mesh --------------------------------------------------------------------------------
-    _banner("mesh")
-    mesh = sharding.create_mesh(config)
-    logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape),
-                 jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
-
-    # ---- input -------------------------------------------------------------------------------
-    _banner("input")
-    image_size = model_config.vision.image_size
-    train_iter = data_lib.make_train_iterator(config, sharding.batch_sharding(mesh),
-                                              image_size=image_size)
-    logging.info("data.source=%s at %dpx", config.data.source, image_size)
-
-    # ---- model / state -----------------------------------------------------------------------
-    _banner("model / state")
-    model = create_model(model_config)
-    abstract_state, state_shardings = step_lib.abstract_train_state(config, mesh)
-    checkpointer = checkpoint_lib.Checkpointer(
-        workdir, checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints, keep_every=config.keep_every)
-
-    # ---- checkpoint restore ------------------------------------------------------------------
-    _banner("checkpoint restore")
-    rng = jax.random.key(config.seed)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      # Onto this run's mesh, whatever mesh or device count wrote it.
-      state, data_state, rng = checkpointer.restore(latest, abstract_state, state_shardings)
-      if data_state is not None:
-        train_iter.set_state(data_state)
-      elif config.data.source != "wds":  # Written by another number of processes.
-        train_iter.close()
-        train_iter = data_lib.make_train_iterator(config, sharding.batch_sharding(mesh),
-                                                  image_size=image_size, start_step=latest)
-        logging.info("input continues after the %d global batches of step %d (the checkpoint "
-                     "was written by another number of processes)", latest, latest)
-      logging.info("resumed from %s at step %d", checkpointer.directory, latest)
-    else:
-      init_rng = jax.random.fold_in(rng, 0)
-      # init_from is read and checked before anything is initialised: a mismatch fails in
-      # seconds, and loading every parameter skips the random init.
-      loaded = (load_init_params(config, model_config, abstract_state.params)
-                if config.init_from else {})
-      if set(loaded) == set(abstract_state.params):
-        state, state_shardings = step_lib.create_train_state(config, mesh, init_rng,
-                                                             params=loaded)
-      else:
-        state, state_shardings = step_lib.create_train_state(config, mesh, init_rng)
-        if loaded:
-          params = dict(jax.device_get(state.params), **loaded)
-          del state
-          state, state_shardings = step_lib.create_train_state(config, mesh, init_rng,
-                                                               params=params)
-      logging.info("initialised %s", f"from {config.init_from}"
-                   if set(loaded) == set(abstract_state.params) else "from scratch" + (
-                       f", then {config.init_towers} from {config.init_from}" if loaded else ""))
+    run = set_up(config, workdir)
+    train_iter = open_input(run)
+    state, shardings, rng, train_iter, checkpointer = build_or_restore_state(run, train_iter)
     start_step = int(jax.device_get(state.step))
-    writer = metrics_lib.MetricsWriter(
-        workdir, total_steps=total_steps, start_step=start_step, is_primary=is_primary,
-        progress_bar=config.progress_bar, wandb_config=config.wandb.to_dict(),
-        run_config=config.to_dict())
+    writer = open_writer(run, start_step)
+  train_step = step_lib.make_train_step(run.config, run.mesh, shardings)
+  write_config_json(run)
+  log = StepLog(run, writer, train_iter, start_step)
 
-  train_step = step_lib.make_train_step(config, mesh, state_shardings)
-  if is_primary:
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-  flops_per_step = train_flops_per_step(model_config, config.batch_size)
-  device_kind = jax.devices()[0].device_kind
-
-  # ---- eval ----------------------------------------------------------------------------------
-  evaluators = {name: EVALUATORS[name]() for name in config.evals}
-
-  def run_evals(step: int) -> dict[str, float]:
-    results = {}
-    for name, evaluator in evaluators.items():
-      t0 = time.time()
-      for metric, value in evaluator(model, state.params, mesh, config.evals[name],
-                                     image_size).items():
-        results[f"eval/{name}/{metric}"] = float(value)
-      logging.info("step %d eval %s: %s (%.1fs)", step, name,
-                   {k: round(v, 4) for k, v in results.items() if f"/{name}/" in k},
-                   time.time() - t0)
-    if results:
-      writer.write(step, results)
-    return results
-
-  # ---- save ----------------------------------------------------------------------------------
-  def save(step: int) -> None:
-    checkpointer.save(step, state, data_state=train_iter.get_state(), rng=rng,
-                      config_json=config.to_json_best_effort(), model_config=model_config,
-                      force=True)
-
-  # ---- loop ----------------------------------------------------------------------------------
   _banner("loop")
-  last = {"time": time.time(), "step": start_step, "data_wait": 0.0}
-  last_metrics: dict[str, float] = {}
-
-  def finish(step: int, metrics, data_wait: float) -> None:
-    """Fetches a step's metrics (one step behind the device), checks them, logs them."""
-    values = _fetch(metrics)
-    _check_finite(step, values)
-    last["data_wait"] += data_wait
-    if step % config.log_every and step != total_steps:
-      return
-    now = time.time()
-    steps = max(step - last["step"], 1)
-    step_time = (now - last["time"]) / steps
-    last.update(time=now, step=step)
-    values["step_time_s"] = step_time
-    values["samples_per_s"] = config.batch_size / step_time
-    # Seconds per step the loop waited for its next batch (the slowest process's). The host
-    # fetches a batch while the device computes the step before it, so a wait well below
-    # step_time_s costs nothing; one near it means the input pipeline limits the run.
-    data = {"skipped": np.asarray([train_iter.skipped_samples], np.int32),
-            "wait": np.asarray([last["data_wait"] / steps], np.float32)}
-    last["data_wait"] = 0.0
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      data = multihost_utils.process_allgather(data)
-    values["data/skipped_samples"] = int(np.sum(data["skipped"]))
-    values["data/wait_s"] = float(np.max(data["wait"]))
-    mfu = metrics_lib.model_flops_utilization(flops_per_step, step_time, jax.device_count(),
-                                              device_kind)
-    if mfu is not None:
-      values["mfu"] = mfu
-    writer.write(step, values)
-    last_metrics.update(values)
-
-  pending: Optional[tuple[int, Any, float]] = None
-  step = start_step
-  profiler = StepProfiler.from_config(config, workdir)
-  metrics = None
   try:
-    while step < total_steps:
-      waited = time.perf_counter()
-      batch = next(train_iter)
-      waited = time.perf_counter() - waited
-      if config.debug_nan_at_step and step + 1 == config.debug_nan_at_step:
-        batch = _poison(batch)
-      if profiler:
-        profiler.before_step(step, metrics)
-      state, metrics = train_step(state, batch)
-      step += 1
-      if pending is not None:
-        finish(*pending)
-      pending = (step, metrics, waited)
-      preempted = _PREEMPTED.is_set() or checkpointer.reached_preemption(step)
-      eval_due = config.eval_every > 0 and step % config.eval_every == 0
-      save_due = step % config.checkpoint_every == 0 or step == total_steps or preempted
-      if eval_due or save_due:
-        finish(*pending)  # never evaluate or save a state whose step went non-finite
-        pending = None
-      if eval_due or (step == total_steps and config.eval_every >= 0):
-        last_metrics.update(run_evals(step))
-      if save_due:
-        save(step)
-      if preempted:
-        logging.info("preempted: saved step %d, exiting", step)
-        break
-    if pending is not None:
-      finish(*pending)
+    train_loop(run, state, train_step, start_step=start_step, train_iter=train_iter,
+               checkpointer=checkpointer, rng=rng, log=log)
   finally:
-    if profiler:
-      profiler.close(metrics)
-    checkpointer.close()  # lets the in-flight saves of good steps commit
-    writer.close()
+    close_run(checkpointer, writer)
   _banner("done")
-  return last_metrics
+  return log.last_metrics
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """The --dry_run report: the step compiled for the config's mesh and global batch."""
+  from clip_jax import sharding, step  # pylint: disable=g-import-not-at-top
+  validate_config(config, check_data=False)
+  config.total_steps = resolve_total_steps(config)
+  return step.dry_run_report(config, sharding.create_mesh(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,11 +605,8 @@ def main(argv):
   except ValueError as e:
     _fail(e)
   if _DRY_RUN.value:
-    from clip_jax import sharding, step  # pylint: disable=g-import-not-at-top
     try:
-      validate_config(config, check_data=False)
-      config.total_steps = resolve_total_steps(config)
-      report = step.dry_run_report(config, sharding.create_mesh(config))
+      report = dry_run(config)
     except ValueError as e:
       _fail(e)
     print(json.dumps(report), flush=True)

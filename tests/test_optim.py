@@ -44,6 +44,75 @@ def test_linear_constant_rsqrt():
   assert lr(1000, **kw) == pytest.approx(0.0)
 
 
+MAX_STEPS = 2**31 - 1  # the train state's step is int32
+
+
+def closed_form(step, *, schedule, learning_rate, warmup_steps=0, total_steps=None,
+                end_lr_factor=0.0, cooldown_steps=0,
+                rsqrt_timescale=optim.DEFAULT_RSQRT_TIMESCALE):
+  """The schedules' definitions in float64 numpy."""
+  step = np.asarray(step, np.float64)
+  lr, end = learning_rate, learning_rate * end_lr_factor
+  if schedule in ("cosine", "linear"):
+    t = np.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    value = end + (lr - end) * (0.5 * (1 + np.cos(np.pi * t)) if schedule == "cosine" else 1 - t)
+  elif schedule == "constant":
+    value = np.full_like(step, lr)
+  else:
+    value = lr / np.sqrt(1 + np.maximum(step - warmup_steps, 0) / rsqrt_timescale)
+  if cooldown_steps:
+    value = end + (value - end) * np.clip((total_steps - step) / cooldown_steps, 0.0, 1.0)
+  return np.where(step < warmup_steps, lr * step / max(warmup_steps, 1), value)
+
+
+HUGE_RUNS = [
+    dict(schedule="cosine", total_steps=MAX_STEPS, warmup_steps=10_000, end_lr_factor=0.1),
+    dict(schedule="cosine", total_steps=2**31 - 1000, warmup_steps=0),
+    dict(schedule="linear", total_steps=MAX_STEPS, warmup_steps=2**30 + 1, end_lr_factor=0.01),
+    dict(schedule="linear", total_steps=123_456_789, warmup_steps=2000),
+    dict(schedule="constant", total_steps=MAX_STEPS, warmup_steps=5, cooldown_steps=1000,
+         end_lr_factor=0.1),
+    dict(schedule="constant", total_steps=MAX_STEPS, warmup_steps=0, cooldown_steps=MAX_STEPS),
+    dict(schedule="rsqrt", total_steps=MAX_STEPS, warmup_steps=10_000, cooldown_steps=2**30,
+         rsqrt_timescale=10_000),
+]
+
+
+@pytest.mark.parametrize("run", HUGE_RUNS, ids=lambda r: f"{r['schedule']}-{r['total_steps']}")
+def test_schedules_at_huge_step_counts_match_the_closed_form(run):
+  kw = dict(run, learning_rate=1e-3)
+  total, warmup, cooldown = run["total_steps"], run["warmup_steps"], run.get("cooldown_steps", 0)
+  steps = sorted({s for s in (0, 1, warmup - 1, warmup, warmup + 1, total // 2,
+                              total - cooldown - 1, total - cooldown, total - cooldown // 2,
+                              total - 500, total - 2, total - 1, total) if s >= 0})
+  got = np.asarray(optim.schedule_value(np.asarray(steps, np.int32), **kw))
+  np.testing.assert_allclose(got, closed_form(steps, **kw), rtol=0, atol=1e-9)
+  # The ends exactly (float32 cannot tell these steps from their neighbours).
+  assert lr(0, **kw) == (0.0 if warmup else np.float32(1e-3))
+  if run["schedule"] != "rsqrt":  # rsqrt(1) need not be exactly 1
+    assert lr(warmup, **kw) == np.float32(1e-3)
+  assert lr(total, **kw) == np.float32(1e-3 * run.get("end_lr_factor", 0.0))
+
+
+def test_optimizer_schedule_runs_to_the_largest_step_under_jit():
+  c = get_config()
+  c.total_steps = MAX_STEPS
+  c.optimizer.update(schedule="cosine", learning_rate=1e-3, warmup_steps=2000,
+                     end_lr_factor=0.1)
+  schedule = jax.jit(optim.make_schedule(c))
+  assert float(schedule(jnp.int32(2000))) == np.float32(1e-3)
+  assert float(schedule(jnp.int32(MAX_STEPS))) == np.float32(1e-4)
+  # optax's step count (int32) reaches the largest step without wrapping.
+  tx = optim.make_optimizer(c)
+  params = {"w": jnp.ones(3)}
+  state = jax.tree.map(lambda x: jnp.full_like(x, MAX_STEPS - 1) if x.dtype == jnp.int32 else x,
+                       tx.init(params))
+  updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+  counts = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
+  assert counts and all(int(x) == MAX_STEPS for x in counts)
+  assert np.all(np.isfinite(updates["w"])) and np.all(np.asarray(updates["w"]) < 0)
+
+
 def test_schedule_errors_are_one_line():
   c = get_config()
   c.optimizer.schedule = "cosine"

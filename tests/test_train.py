@@ -170,3 +170,25 @@ def test_init_from_mismatched_model_is_one_clear_error(base_run, tmp_path):
   config.image_size = 32
   with pytest.raises(train_lib.SetupError, match="do not match config.model=vitb32"):
     train_lib.train(config, str(tmp_path))
+
+
+def test_run_longer_than_the_int32_step_is_one_clear_error(tmp_path):
+  # 32 epochs of 2**30 samples at batch 16: 2**31 steps, one more than the int32 step holds.
+  config = _config(total_steps=None, epochs=32.0, num_train_examples=2**30)
+  with pytest.raises(train_lib.SetupError) as error:
+    train_lib.train(config, str(tmp_path))
+  assert str(error.value) == (
+      "total_steps=2147483648 (config.epochs * config.num_train_examples / config.batch_size) "
+      "exceeds 2147483647, the largest step the train state holds (int32); raise "
+      "config.batch_size or set config.total_steps")
+  assert not (tmp_path / "checkpoints").exists()
+  config.total_steps = train_lib.MAX_STEPS
+  train_lib.validate_config(config)
+  config.optimizer.warmup_steps = 2**31
+  with pytest.raises(ValueError, match=r"^config.optimizer.warmup_steps=2147483648 exceeds"):
+    train_lib.validate_config(config)
+
+
+def test_skipped_samples_beyond_int32_are_counted():
+  assert train_lib.input_stats(5_000_000_000, 0.25) == {"data/skipped_samples": 5_000_000_000,
+                                                        "data/wait_s": 0.25}

@@ -29,8 +29,8 @@ def _command(workdir, *flags, config="configs/tiny.py"):
           *flags]
 
 
-def _run(workdir, *flags, devices=8, timeout=240):
-  return subprocess.run(_command(workdir, *flags), cwd=REPO, env=_env(devices),
+def _run(workdir, *flags, devices=8, timeout=240, config="configs/tiny.py"):
+  return subprocess.run(_command(workdir, *flags, config=config), cwd=REPO, env=_env(devices),
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -59,6 +59,8 @@ def _run_and_signal(workdir, sig, ready, *flags):
     ("--config.batch_size=sixteen", "--config.batch_size=sixteen"),
     ("--config.batch_size=12", "config.batch_size=12 is not divisible"),
     ("--config.log_every=0", "config.log_every=0 must be >= 1"),
+    ("--config.total_steps=2147483648",
+     "total_steps=2147483648 (config.total_steps) exceeds 2147483647, the largest step"),
 ])
 def test_config_errors_are_one_line(tmp_path, flag, expected):
   proc = _run(tmp_path, flag, timeout=120)
@@ -69,8 +71,22 @@ def test_config_errors_are_one_line(tmp_path, flag, expected):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_run_longer_than_the_int32_step_is_one_line(tmp_path):
+  # 32 epochs of 400M samples at batch 2: 6.4e9 steps.
+  proc = _run(tmp_path, "--dry_run", "--config.batch_size=2", devices=1, timeout=120,
+              config="configs/vitb32.py")
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: total_steps=6400000000 (config.epochs * config.num_train_examples / "
+      "config.batch_size) exceeds 2147483647, the largest step the train state holds (int32); "
+      "raise config.batch_size or set config.total_steps")
+
+
 def test_dry_run_prints_one_json_line(tmp_path):
-  proc = _run(tmp_path, "--dry_run", "--config.batch_size=64", timeout=180)
+  # The longest run the int32 step holds compiles (its schedules included).
+  proc = _run(tmp_path, "--dry_run", "--config.batch_size=64", "--config.total_steps=2147483647",
+              timeout=180)
   assert proc.returncode == 0, proc.stderr
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report["dry_run"] is True and report["num_devices"] == 8
