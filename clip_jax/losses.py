@@ -45,8 +45,9 @@ def _scale_bias(logit_scale, logit_bias):
 
 def _pair_metrics(pos_sum, x_sum, y_sum, scale, bias, global_batch):
   """Mean positive and negative logits; the sum of all logits is scale * (sum x).(sum y) + B^2 b."""
-  total = scale * jnp.dot(x_sum, y_sum, precision=_HIGHEST) + bias * global_batch ** 2
-  num_neg = max(global_batch * (global_batch - 1), 1)
+  # Python floats: B^2 overflows int32 (a jit argument) from a global batch of 46,341.
+  total = scale * jnp.dot(x_sum, y_sum, precision=_HIGHEST) + bias * float(global_batch) ** 2
+  num_neg = float(max(global_batch * (global_batch - 1), 1))
   return pos_sum / global_batch, (total - pos_sum) / num_neg
 
 

@@ -4,6 +4,7 @@ r"""Trains CLIP: `python -m clip_jax.train --config=configs/NAME.py --workdir=DI
   python -m clip_jax.train --config=configs/vitl14.py --workdir=gs://bucket/run \
       --config.batch_size=4096 --config.data.path='gs://bucket/shards/{00000..41407}.tar'
   python -m clip_jax.train --config=configs/vitb32.py --dry_run   # compile only, one JSON line
+  python -m clip_jax.train --config=configs/vitl14.py --dry_run --topology=v5e-256  # for a TPU
 
 Run the same command on every host of a pod. A workdir with checkpoints resumes from the
 latest one (onto any mesh). SIGTERM (preemption) saves the current step and exits 0.
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import logging as pylogging
 import math
+import os
 import re
 import signal
 import sys
@@ -36,6 +38,16 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file."
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, events.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step, print one JSON line of "
                              "parameter count, FLOPs and per-device memory, and exit.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --dry_run: compile the step for this TPU slice on this host (an "
+    "accelerator type: v5e-256, v5litepod-256, v4-128, v5p-128, v6e-256; or a topology: "
+    "v5e:16x16, v4:4x4x8) and report its HBM per chip; needs pip install 'clip_jax[tpu]'. "
+    "Exit 0: fits; 4: does not fit; 2: a user error.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: slices joined over DCN "
+                                   "(set config.dcn_mesh to match).")
+_FIT = flags.DEFINE_bool("fit", False, "With --topology: search the cheapest overrides (remat "
+                         "policy, then accum_steps) that make the step fit, printed as "
+                         "--config flags in fit_overrides.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Write a JAX profiler trace of config."
                              "profile_steps steps (5 when unset) from config.profile_start_step "
                              "into WORKDIR/profile.")
@@ -99,8 +111,11 @@ def _validate_step_counts(config) -> None:
       raise ValueError(f"config.optimizer.{field}={config.optimizer[field]} {too_many}")
 
 
-def validate_config(config, *, check_data: bool = True) -> None:
-  """Raises ValueError (one line naming the field) for a config that cannot train."""
+def validate_config(config, *, check_data: bool = True, check_mesh: bool = True) -> None:
+  """Raises ValueError (one line naming the field) for a config that cannot train.
+
+  check_mesh: against this job's devices (the TPU preflight checks against its slice).
+  """
   try:
     from configs import common  # pylint: disable=g-import-not-at-top
   except ImportError:  # run from outside the repo: the locked config already refuses typos
@@ -131,8 +146,9 @@ def validate_config(config, *, check_data: bool = True) -> None:
     for field in ("num_examples", "batch_size"):
       if eval_config.get(field, 1) <= 0:
         raise ValueError(f"config.evals.{name}.{field}={eval_config.get(field)} must be positive")
-  from clip_jax import sharding  # pylint: disable=g-import-not-at-top
-  sharding.validate_config(config)
+  if check_mesh:
+    from clip_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.validate_config(config)
   if check_data:
     from clip_jax import data  # pylint: disable=g-import-not-at-top
     data.validate_data_config(config)
@@ -275,33 +291,39 @@ def build_or_restore_state(run: Run, train_iter):
   rng = jax.random.key(config.seed)
   latest = checkpointer.latest_step()
   if latest is None:
-    state, state_shardings = init_state(run, jax.random.fold_in(rng, 0), abstract_state.params)
+    state, state_shardings = init_state(run, jax.random.fold_in(rng, 0), abstract_state)
   else:
     state, rng, train_iter = restore_state(run, checkpointer, latest, abstract_state,
                                            state_shardings, train_iter)
   return state, state_shardings, rng, train_iter, checkpointer
 
 
-def init_state(run: Run, rng: jax.Array, abstract_params) -> tuple[Any, Any]:
-  """(state, shardings) of a fresh run: random, or config.init_from's towers over it.
+def init_state(run: Run, rng: jax.Array, abstract_state) -> tuple[Any, Any]:
+  """(state, shardings) of a fresh run: random, or config.init_from's towers over it (a
+  ResNet's image tower with its BatchNorm running statistics).
 
   init_from is read and checked before anything is initialised: a mismatch fails in
   seconds, and loading every parameter skips the random init.
   """
   from clip_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  config, mesh = run.config, run.mesh
-  loaded = (checkpoint_lib.load_init_params(config, run.model_config, abstract_params)
+  from clip_jax.models import BATCH_STATS  # pylint: disable=g-import-not-at-top
+  config, mesh, abstract_params = run.config, run.mesh, abstract_state.params
+  loaded = (checkpoint_lib.load_init_params(config, run.model_config, abstract_params,
+                                            abstract_state.batch_stats)
             if config.init_from else {})
+  batch_stats = loaded.pop(BATCH_STATS, None)
   if set(loaded) == set(abstract_params):
-    state, shardings = step_lib.create_train_state(config, mesh, rng, params=loaded)
+    state, shardings = step_lib.create_train_state(config, mesh, rng, params=loaded,
+                                                   batch_stats=batch_stats)
     logging.info("initialised from %s", config.init_from)
     return state, shardings
   state, shardings = step_lib.create_train_state(config, mesh, rng)
   if loaded:
     params = dict(jax.device_get(state.params), **loaded)
     del state
-    state, shardings = step_lib.create_train_state(config, mesh, rng, params=params)
+    state, shardings = step_lib.create_train_state(config, mesh, rng, params=params,
+                                                   batch_stats=batch_stats)
   logging.info("initialised from scratch%s",
                f", then {config.init_towers} from {config.init_from}" if loaded else "")
   return state, shardings
@@ -364,6 +386,7 @@ def train_loop(run: Run, state, train_step, *, start_step: int, train_iter, chec
   A preemption saves the current step and stops; a step that goes non-finite raises
   NonFiniteLossError before anything evaluates or saves it.
   """
+  from clip_jax.models import with_batch_stats  # pylint: disable=g-import-not-at-top
   config = run.config
   profiler = StepProfiler.from_config(config, run.workdir)
   step, metrics = start_step, None
@@ -381,7 +404,7 @@ def train_loop(run: Run, state, train_step, *, start_step: int, train_iter, chec
       if eval_due or save_due:
         log.flush()  # never evaluate or save a state whose step went non-finite
       if eval_due or (step == run.total_steps and config.eval_every >= 0):
-        log.evaluate(step, state.params)
+        log.evaluate(step, with_batch_stats(state.params, state.batch_stats))
       if save_due:
         save_checkpoint(run, checkpointer, step, state, train_iter, rng)
       if preempted:
@@ -594,16 +617,58 @@ def _on_sigterm(signum, frame):
   _PREEMPTED.set()
 
 
+def _load_config() -> ml_collections.ConfigDict:
+  """--config's ConfigDict; a file that is missing or does not load is one error line."""
+  filename = config_flags.get_config_filename(flags.FLAGS["config"])
+  if filename is None:
+    _fail("--config=configs/NAME.py is required")
+  path = filename.split(":")[0]
+  if not os.path.isfile(path):
+    _fail(f"--config={filename}: no such file (the recipes are in configs/, e.g. "
+          "configs/demo.py)")
+  try:
+    config = _CONFIG.value
+    config.keys()  # config_flags reports a config file that failed to load only when read
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"--config={filename} does not load: {' '.join(str(e).split())}")
+  return config
+
+
+def _explicit_fields() -> list[str]:
+  """The config fields set by --config.X flags (slice overrides leave those alone)."""
+  return list(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
-  config = _CONFIG.value
-  if config is None:
-    _fail("--config=configs/NAME.py is required")
+  config = _load_config()
+  if _TOPOLOGY.value:  # the TPU preflight: compile for a named slice on this host
+    if not _DRY_RUN.value:
+      _fail("--topology needs --dry_run (it compiles for the slice, it does not train)")
+    from clip_jax import preflight  # pylint: disable=g-import-not-at-top
+    preflight.setup_host()  # before anything touches a device: CPU JAX, compile-only libtpu
+    try:
+      validate_config(config, check_data=False, check_mesh=False)
+      config.total_steps = resolve_total_steps(config)
+    except ValueError as e:
+      _fail(e)
+    sys.exit(preflight.run(config, _TOPOLOGY.value, _NUM_SLICES.value, _FIT.value,
+                           explicit=_explicit_fields()))
+  if _FIT.value or _NUM_SLICES.value != 1:
+    _fail("--fit and --num_slices need --topology=SLICE (and --dry_run)")
   try:  # before anything touches a device: pods, SLURM, flags or CLIP_JAX_* env; else a no-op
     distributed.initialize()
   except ValueError as e:
     _fail(e)
+  from clip_jax import preflight  # pylint: disable=g-import-not-at-top
+  try:  # on a TPU slice: the recipe's config.slice_overrides for its kind
+    applied = preflight.apply_slice_overrides(config, jax.devices()[0].device_kind,
+                                              _explicit_fields())
+  except ValueError as e:
+    _fail(e)
+  if applied:
+    logging.info("slice overrides for %s: %s", jax.devices()[0].device_kind, " ".join(applied))
   if _DRY_RUN.value:
     try:
       report = dry_run(config)

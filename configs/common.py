@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.dcn_mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
   c.logical_axis_rules = config_dict.placeholder(tuple)  # None: clip_jax.sharding defaults
+  # Per TPU kind, overrides applied on that kind of slice (by the trainer and the preflight,
+  # `--dry_run --topology=...`), as --config flags without the prefix, e.g.
+  # "remat_policy=full accum_steps=2". A field also set by a --config flag keeps the flag's.
+  c.slice_overrides = ml_collections.ConfigDict({"v4": "", "v5e": "", "v5p": "", "v6e": ""})
 
   c.loss = "softmax"                 # softmax (CLIP) | sigmoid (SigLIP)
   c.loss_impl = "global"             # global | chunked

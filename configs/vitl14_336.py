@@ -19,5 +19,9 @@ def get_config():
   c.init_from = "gs://YOUR_BUCKET/runs/vitl14"  # an L/14 workdir or converted checkpoint
   c.init_towers = "both"
   c.remat_policy = "full"            # 577 tokens/image
+  # TPU slices at 32,768 (README "TPU preflight"): v5p-128 66.8 of 95 GiB a chip, v6e-256
+  # fits as shipped; v5e-256 needs 16.5 GiB with full remat, so two GradCache micro-batches
+  # (8.6 of 16 GiB).
+  c.slice_overrides.v5e = "accum_steps=2"
   c.lock()
   return c

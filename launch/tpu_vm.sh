@@ -9,6 +9,8 @@
 #   launch/tpu_vm.sh delete --name clip-l14 --zone us-central2-b
 #
 # Commands: create | setup | train | logs | stop | delete | up (= create, setup, train, logs).
+# create/up first compile the train step for the slice here (the TPU preflight, needs libtpu:
+# pip install 'clip_jax[tpu]') and stop when it does not fit; --skip-preflight goes on anyway.
 # --dry-run prints every command (gcloud and local) without running any. See launch/README.md.
 set -euo pipefail
 
@@ -23,7 +25,10 @@ usage() {
 usage: launch/tpu_vm.sh COMMAND --name NAME --zone ZONE [options] [-- TRAIN_ARGS...]
 
 commands:
-  create   create the TPU VM / pod slice (--queued: through a queued resource)
+  create   create the TPU VM / pod slice (--queued: through a queued resource); with
+           TRAIN_ARGS, first the TPU preflight: `python -m clip_jax.train --dry_run
+           --topology=ACCELERATOR TRAIN_ARGS` compiles the step for the slice on this
+           machine and nothing is created when it does not fit
   setup    copy this checkout (git HEAD) to every worker and pip install it with jax[tpu]
   train    start `python -m clip_jax.train --workdir=WORKDIR TRAIN_ARGS` on every worker
            (detached; survives ssh disconnects), then follow the logs (--no-follow: don't)
@@ -31,7 +36,7 @@ commands:
            saved to LOG_DIR/NAME.log
   stop     SIGTERM the training on every worker (the trainer saves the current step)
   delete   delete the TPU VM (or the queued resource and its TPU)
-  up       create, setup, train
+  up       create (after the preflight), setup, train
 
 options:
   --name NAME            TPU name (required)
@@ -46,7 +51,11 @@ options:
   --log-dir DIR          local log directory (default: logs/tpu)
   --log-worker W         worker(s) whose log to follow: 0 (default) or all
   --no-follow            train: start and return without following the logs
+  --skip-preflight       create even when the preflight fails (no libtpu here, or a step
+                         that does not fit)
   --dry-run              print every command instead of running it
+environment:
+  PYTHON                 the local python running the preflight (default python3)
 EOF
 }
 
@@ -99,6 +108,7 @@ esac
 
 NAME="" ZONE="" PROJECT="" ACCELERATOR="v4-8" VERSION="" QUEUED=0 SPOT=0 WORKDIR=""
 SOURCE="$(dirname "$SCRIPT_DIR")" LOG_DIR="logs/tpu" LOG_WORKER="0" FOLLOW=1 DRY_RUN=0
+PREFLIGHT=1
 TRAIN_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -114,6 +124,7 @@ while [[ $# -gt 0 ]]; do
     --queued) QUEUED=1; shift ;;
     --spot) SPOT=1; shift ;;
     --no-follow) FOLLOW=0; shift ;;
+    --skip-preflight) PREFLIGHT=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
@@ -134,7 +145,35 @@ ssh_all() {  # ssh_all WORKER REMOTE_COMMAND
   run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker="$1" --command="$2"
 }
 
+# The TPU preflight: compiles the real train step for this slice on this machine (CPU; libtpu
+# only compiles) and prints the trainer's dry-run JSON line with "fits". Exit 4: it does not
+# fit; 2: a user error (no libtpu, a mesh the slice cannot hold). Nothing is created then.
+do_preflight() {
+  if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
+    echo "# no training flags after '--': no preflight"
+    return 0
+  fi
+  local cmd=("${PYTHON:-python3}" -m clip_jax.train --dry_run --topology="$ACCELERATOR")
+  cmd+=("${TRAIN_ARGS[@]}")
+  if [[ $PREFLIGHT == 0 ]]; then
+    echo "# preflight skipped (--skip-preflight): $(quote "${cmd[@]}")"
+    return 0
+  fi
+  echo "# preflight: compile the train step for $ACCELERATOR here before creating it"
+  echo "+ (cd $(quote "$SOURCE") && $(quote "${cmd[@]}"))"
+  [[ $DRY_RUN == 0 ]] || return 0
+  local code=0
+  (cd "$SOURCE" && "${cmd[@]}") || code=$?
+  if [[ $code != 0 ]]; then
+    echo "error: the preflight for $ACCELERATOR failed (exit $code, line above); nothing was" \
+      "created. Fix the config (python -m clip_jax.train --dry_run --topology=$ACCELERATOR" \
+      "--fit proposes overrides) or pass --skip-preflight" >&2
+    exit "$code"
+  fi
+}
+
 do_create() {
+  do_preflight
   echo "# $ACCELERATOR: $HOSTS host(s), one JAX process each; runtime $VERSION"
   local capacity=()
   [[ $SPOT == 0 ]] || capacity=(--spot)

@@ -80,6 +80,58 @@ def test_tpu_dry_run_queued_spot_and_delete():
                   "~/clip_jax_logs/train.pid) || true'"]
 
 
+def test_tpu_dry_run_prints_the_preflight_before_create():
+  out = _tpu("up", "--name", "n", "--zone", "z", "--accelerator", "v5litepod-256",
+             "--workdir", "gs://b/r", "--dry-run", "--", "--config=configs/vitl14.py",
+             "--config.data.path=gs://b/{0..9}.tar").stdout
+  lines = out.splitlines()
+  preflight = (f"+ (cd {REPO} && python3 -m clip_jax.train --dry_run --topology=v5litepod-256 "
+               "--config=configs/vitl14.py '--config.data.path=gs://b/{0..9}.tar')")
+  assert preflight in lines
+  create = next(i for i, line in enumerate(lines) if line.startswith("+ gcloud compute tpus"))
+  assert lines.index(preflight) < create
+  skipped = _tpu("create", "--name", "n", "--zone", "z", "--skip-preflight", "--dry-run", "--",
+                 "--config=configs/vitb32.py").stdout
+  assert "# preflight skipped (--skip-preflight): python3 -m clip_jax.train --dry_run" in skipped
+  assert "+ (cd" not in skipped
+
+
+def _fake_tools(tmp_path, preflight_code: int):
+  """A fake python (the preflight prints its line, exits `preflight_code`) and gcloud (logs)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "gcloud_calls"
+  (bin_dir / "gcloud").write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n")
+  line = '{"dry_run": true, "topology": "v5e:16x16", "fits": false}'
+  (bin_dir / "fakepython").write_text(
+      f"#!/usr/bin/env bash\necho '{line}'\necho \"$*\" > {tmp_path}/preflight_args\n"
+      f"exit {preflight_code}\n")
+  for tool in bin_dir.iterdir():
+    tool.chmod(0o755)
+  env = dict(os.environ, TMPDIR="/tmp", PATH=f"{bin_dir}:{os.environ['PATH']}",
+             PYTHON=str(bin_dir / "fakepython"))
+  return env, calls
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_tpu_create_stops_when_the_step_does_not_fit(tmp_path, skip):
+  env, calls = _fake_tools(tmp_path, preflight_code=4)
+  args = ["create", "--name", "n", "--zone", "z", "--accelerator", "v5e-256",
+          *(["--skip-preflight"] if skip else []), "--", "--config=configs/vitl14.py"]
+  result = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env=env)
+  if skip:
+    assert result.returncode == 0, result.stderr
+    assert "tpu-vm create n --zone=z --accelerator-type=v5e-256" in calls.read_text()
+    return
+  assert result.returncode == 4
+  assert '{"dry_run": true, "topology": "v5e:16x16", "fits": false}' in result.stdout
+  assert "nothing was created" in result.stderr.strip().splitlines()[-1]
+  assert not calls.exists(), "no gcloud call when the preflight fails"
+  assert (tmp_path / "preflight_args").read_text().split() == [
+      "-m", "clip_jax.train", "--dry_run", "--topology=v5e-256", "--config=configs/vitl14.py"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--name", "n", "--zone", "z", "--", "--config=c"], "--workdir gs://"),
     (["create", "--name", "n", "--zone", "z", "--accelerator", "v9-8"], "not a known TPU type"),
@@ -173,9 +225,11 @@ def test_local_prefixes_lines_and_sets_environment():
                      sys.executable, "-c", child)
   assert result.returncode == 0, result.stdout + result.stderr
   lines = result.stdout.splitlines()
-  for i in range(3):
-    assert (f"[p{i}] id {i} 3 localhost:23456 cpu "
-            "--xla_force_host_platform_device_count=2") in lines
+  for i in range(3):  # other XLA flags of the caller's (tests/conftest.py sets one) are kept
+    assert any(line.startswith(f"[p{i}] id {i} 3 localhost:23456 cpu ")
+               and line.endswith(" --xla_force_host_platform_device_count=2")
+               or line == f"[p{i}] id {i} 3 localhost:23456 cpu "
+               "--xla_force_host_platform_device_count=2" for line in lines), lines
     assert f"[p{i}] second line" in lines
   assert all(line.startswith(("[p0] ", "[p1] ", "[p2] ", "[launch] ")) for line in lines)
 
