@@ -22,8 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from clip_jax import distributed, params_io
-from clip_jax.models import (CLIPConfig, abstract_params, create_model, interpolate_pos_embed,
-                             scan_params, unscan_params)
+from clip_jax.models import (BATCH_STATS, CLIPConfig, abstract_loaded_params, create_model,
+                             interpolate_pos_embed, scan_params, unscan_params, with_batch_stats)
 
 ITEMS = ("state", "data", "rng", "config", "model_config")
 _policies = ocp.checkpoint_managers
@@ -149,30 +149,35 @@ def restore_params(path: str) -> tuple[Any, CLIPConfig]:
 
   `path`: a converted checkpoint (DIR/model_config.json + DIR/params, see clip_jax.params_io),
   a training workdir (its latest step), its checkpoints/ dir or one checkpoints/<step> dir.
-  The params are unboxed, in the layer layout of the returned config (`scan_layers`).
+  The params are unboxed, in the layer layout of the returned config (`scan_layers`); a
+  ResNet's carry its BatchNorm running statistics under the top-level key `batch_stats`.
   """
   if params_io.is_converted_dir(path):
     return params_io.load_params(path)
   directory, step = _resolve_step(path)
   step_dir = directory / str(step)
   model_config = CLIPConfig.from_dict(json.loads((step_dir / "model_config" / "metadata").read_text()))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  shapes = _shape_tree(nn.meta.unbox(abstract_params(create_model(model_config))))
-  item = {"params": shapes}
+  shapes = abstract_loaded_params(create_model(model_config))
+  item = {"params": _shape_tree({k: v for k, v in shapes.items() if k != BATCH_STATS})}
+  if BATCH_STATS in shapes:
+    item[BATCH_STATS] = _shape_tree(shapes[BATCH_STATS])
   restored = ocp.PyTreeCheckpointer().restore(
       step_dir / "state",
       args=ocp.args.PyTreeRestore(item=item,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True))
-  return restored["params"], model_config
+  return with_batch_stats(restored["params"], restored.get(BATCH_STATS)), model_config
 
 
 # ----------------------------------------------------------------------------------------------
 # init_from: a converted pretrained checkpoint or another run, whole or per tower.
 # ----------------------------------------------------------------------------------------------
-def load_init_params(config, model_config: CLIPConfig, target_params) -> dict:
+def load_init_params(config, model_config: CLIPConfig, target_params, target_batch_stats=None
+                     ) -> dict:
   """The towers named by config.init_towers, read from config.init_from: {key: params} (host
-  arrays in the model's dtypes), checked against the model's abstract `target_params`."""
+  arrays in the model's dtypes), checked against the model's abstract `target_params`. With
+  the image tower of a ResNet comes its BatchNorm running statistics (`target_batch_stats`),
+  under the key `batch_stats`."""
   from clip_jax.step import TOWER_PARAMS  # pylint: disable=g-import-not-at-top
   loaded, loaded_config = restore_params(config.init_from)
   if loaded_config.scan_layers != model_config.scan_layers:
@@ -196,5 +201,12 @@ def load_init_params(config, model_config: CLIPConfig, target_params) -> dict:
       raise ValueError(f"config.init_from={config.init_from}: the {key!r} parameters of "
                        f"{loaded_config.name} do not match config.model={config.model}")
     taken[key] = jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), got, want)
+  if target_batch_stats and "visual" in taken:
+    got = loaded.get(BATCH_STATS, {})
+    if jax.tree.structure(got) != jax.tree.structure(target_batch_stats):
+      raise ValueError(f"config.init_from={config.init_from}: its BatchNorm running statistics "
+                       f"do not match config.model={config.model}")
+    taken[BATCH_STATS] = jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), got,
+                                      target_batch_stats)
   logging.info("init_from %s: took %s", config.init_from, ", ".join(keys))
   return taken

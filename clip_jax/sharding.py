@@ -37,6 +37,10 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("layers", None),
     ("pos", None),
     ("proj", None),
+    ("conv_out", "fsdp"),  # a ResNet's convolutions: output channels over fsdp
+    ("conv_in", None),
+    ("conv_h", None),
+    ("conv_w", None),
     ("patch_h", None),
     ("patch_w", None),
     ("channels", None),
@@ -101,6 +105,11 @@ def _num_slices(devices) -> int:
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
+def mesh_slices(mesh: Mesh) -> int:
+  """How many slices (TPU pods joined over DCN) the mesh's devices span."""
+  return _num_slices(mesh.devices.flat)
+
+
 def mesh_shape(config, num_devices: Optional[int] = None, num_slices: Optional[int] = None):
   """(ici_shape, dcn_shape) with -1 resolved, each in MESH_AXES order."""
   num_devices = jax.device_count() if num_devices is None else num_devices
@@ -146,8 +155,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def validate_config(config, num_devices: Optional[int] = None,
-                    process_count: Optional[int] = None) -> None:
-  """Raises ValueError (one line naming the field) for a config that cannot run."""
+                    process_count: Optional[int] = None, num_slices: Optional[int] = None) -> None:
+  """Raises ValueError (one line naming the field) for a config that cannot run.
+
+  num_devices, process_count, num_slices: of the target (default: this job's devices)."""
   # Local imports: sharding is imported by models-free code paths too.
   from clip_jax.models.configs import MODEL_CONFIGS
   from clip_jax.models.layers import REMAT_POLICIES
@@ -156,7 +167,7 @@ def validate_config(config, num_devices: Optional[int] = None,
   process_count = jax.process_count() if process_count is None else process_count
   if isinstance(config.model, str) and config.model not in MODEL_CONFIGS:
     raise ValueError(f"config.model={config.model!r} is unknown; known: {sorted(MODEL_CONFIGS)}")
-  ici, dcn = mesh_shape(config, num_devices)
+  ici, dcn = mesh_shape(config, num_devices, num_slices)
   shape = dict(zip(MESH_AXES, (a * b for a, b in zip(ici, dcn))))
   batch_shards = math.prod(shape[a] for a in BATCH_AXES)
   global_batch = int(config.batch_size)

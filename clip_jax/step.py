@@ -7,7 +7,18 @@
 
 The state is built from its abstract shape and initialised by a jitted function whose
 outputs are already sharded, so no device or host ever holds a whole large model.
-`config.accum_steps > 1` runs exact GradCache accumulation (see `_gradcache_grads`).
+`config.accum_steps > 1` runs exact GradCache accumulation (`make_loss_and_grad`).
+
+BatchNorm (the ResNet image towers): the step normalises with the statistics of the whole
+global batch (the model's means run over the global batch axis, whatever the mesh), and the
+running averages live in the state (`TrainState.batch_stats`, empty for the ViTs), sharded
+by their logical axes, checkpointed and restored with it. Under GradCache the statistics are
+those of each micro-batch (a micro-batch is a batch as far as BatchNorm knows): the
+embedding pass normalises micro-batch k with its own statistics and updates the running
+averages once per micro-batch, in order; the backward pass recomputes micro-batch k with the
+same statistics (they depend only on its rows), so the gradient is exact for that
+definition. A frozen image tower (LiT) runs in evaluation mode: running statistics used and
+left as they are.
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clip_jax import sharding as shd
 from clip_jax.losses import contrastive_loss
-from clip_jax.models.clip import abstract_params, count_params, create_model, l2_normalize
+from clip_jax.models.clip import abstract_variables, count_params, create_model, l2_normalize
 from clip_jax.models.configs import CLIPConfig, get_model_config
 from clip_jax.models.flops import train_flops_per_step
 from clip_jax.optim import make_optimizer, make_schedule
@@ -41,6 +52,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  batch_stats: Any = flax.struct.field(default_factory=dict)  # BatchNorm running averages
 
 
 def model_config_from(config) -> CLIPConfig:
@@ -78,18 +90,21 @@ def _with_shardings(tree, shardings):
 
 def abstract_train_state(config, mesh: Mesh):
   """(abstract TrainState of sharded ShapeDtypeStructs, TrainState of NamedShardings)."""
-  shd.validate_config(config, num_devices=mesh.devices.size)
+  shd.validate_config(config, num_devices=mesh.devices.size, num_slices=shd.mesh_slices(mesh))
   model = create_model(model_config_from(config))
-  boxed = abstract_params(model)
-  param_shardings = shd.logical_to_shardings(boxed, mesh, shd.logical_axis_rules(config))
+  boxed_variables = abstract_variables(model)
+  rules = shd.logical_axis_rules(config)
+  boxed, boxed_stats = boxed_variables["params"], boxed_variables.get("batch_stats", {})
+  param_shardings = shd.logical_to_shardings(boxed, mesh, rules)
   params = _unbox(boxed)
   shd.check_fsdp(params, param_shardings, mesh)
   opt_state = jax.eval_shape(make_optimizer(config).init, params)
   opt_shardings = shd.match_shardings(opt_state, params, param_shardings, mesh)
   shardings = TrainState(step=shd.replicated(mesh), params=param_shardings,
-                         opt_state=opt_shardings)
+                         opt_state=opt_shardings,
+                         batch_stats=shd.logical_to_shardings(boxed_stats, mesh, rules))
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=opt_state)
+                        opt_state=opt_state, batch_stats=_unbox(boxed_stats))
   return _with_shardings(abstract, shardings), shardings
 
 
@@ -110,9 +125,13 @@ def _check_params(params, abstract_params_tree):
                        f"expects {tuple(w.shape)}")
 
 
-def create_train_state(config, mesh: Mesh, rng, params=None):
+def create_train_state(config, mesh: Mesh, rng, params=None, batch_stats=None):
   """(TrainState, shardings): fresh params from `rng`, or `params` (e.g. init_from) placed
-  on the mesh, with a new optimizer state. Initialised already sharded."""
+  on the mesh, with a new optimizer state. Initialised already sharded.
+
+  batch_stats: BatchNorm running averages to start from (a ResNet's, with `params`; default:
+  the fresh ones, means 0 and variances 1).
+  """
   abstract, shardings = abstract_train_state(config, mesh)
   model = create_model(model_config_from(config))
   tx = make_optimizer(config)
@@ -120,16 +139,27 @@ def create_train_state(config, mesh: Mesh, rng, params=None):
     def init(rng):
       images = jnp.zeros((1, model.config.vision.image_size, model.config.vision.image_size, 3))
       tokens = jnp.zeros((1, model.config.text.context_length), jnp.int32)
-      p = _unbox(model.init(rng, images, tokens)["params"])
-      return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+      variables = _unbox(model.init(rng, images, tokens))
+      p = variables["params"]
+      return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                        batch_stats=variables.get("batch_stats", {}))
     return jax.jit(init, out_shardings=shardings)(rng), shardings
   params = _unbox(params)
   _check_params(params, abstract.params)
-  params = jax.tree_util.tree_map(
-      lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), params, abstract.params)
+  place = lambda tree, target: jax.tree_util.tree_map(  # noqa: E731
+      lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), tree, target)
+  params = place(params, abstract.params)
+  if batch_stats is None:  # fresh running averages: means 0, variances 1 (as BatchNorm's init)
+    batch_stats = jax.tree_util.tree_map_with_path(
+        lambda path, a: (np.ones if path[-1].key == "var" else np.zeros)(a.shape, a.dtype),
+        abstract.batch_stats)
+  else:
+    _check_params(batch_stats, abstract.batch_stats)
+  batch_stats = place(batch_stats, abstract.batch_stats)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
-  return TrainState(step=step, params=params, opt_state=opt_state), shardings
+  return TrainState(step=step, params=params, opt_state=opt_state,
+                    batch_stats=batch_stats), shardings
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,18 +172,33 @@ def _constrain(x, mesh: Mesh, spec: P):
 
 
 def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
-  """(params, images, tokens) -> (loss, metrics, grads) over the global batch (not jitted)."""
+  """(params, images, tokens, batch_stats) -> (loss, metrics, grads, new batch_stats) over the
+  global batch (not jitted). batch_stats: the BatchNorm running averages ({} for the ViTs)."""
   model = create_model(model_config_from(config))
   freeze = config.optimizer.get("freeze", "")
   accum = int(config.accum_steps)
   loss_kw = dict(loss=config.loss, impl=config.loss_impl, mesh=mesh,
                  chunk_size=int(config.loss_chunk_size))
   rows = P(shd.BATCH_AXES)
+  has_batch_norm = model.config.is_resnet
+  train_batch_norm = has_batch_norm and freeze != "image"  # a locked (LiT) tower: eval mode
 
-  def embed(params, inputs, tower):
-    method = "encode_image" if tower == "image" else "encode_text"
-    features = l2_normalize(model.apply({"params": params}, inputs, method=method))
-    return _constrain(features, mesh, rows)
+  def embed_image(params, images, batch_stats):
+    """(normalised features, updated running averages)."""
+    variables = {"params": params}
+    if has_batch_norm:
+      variables["batch_stats"] = batch_stats
+    if train_batch_norm:
+      features, updates = model.apply(variables, images, train=True, method="encode_image",
+                                      mutable=["batch_stats"])
+      batch_stats = updates["batch_stats"]
+    else:
+      features = model.apply(variables, images, method="encode_image")
+    return _constrain(l2_normalize(features), mesh, rows), batch_stats
+
+  def embed_text(params, tokens):
+    return _constrain(l2_normalize(model.apply({"params": params}, tokens,
+                                               method="encode_text")), mesh, rows)
 
   def loss_of_features(image_features, text_features, logit_scale, logit_bias):
     return contrastive_loss(image_features, text_features, logit_scale, logit_bias, **loss_kw)
@@ -163,20 +208,22 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
       return grads
     return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, grads, param_shardings)
 
-  def direct(params, images, tokens):
+  def direct(params, images, tokens, batch_stats):
     def loss_fn(params):
       if freeze:  # No gradient flows into (or is computed for) the frozen tower.
         key = TOWER_PARAMS[freeze]
         params = dict(params, **{key: jax.lax.stop_gradient(params[key])})
-      return loss_of_features(embed(params, images, "image"), embed(params, tokens, "text"),
-                              params["logit_scale"], params.get("logit_bias"))
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, metrics, constrain_grads(grads)
+      image_features, new_stats = embed_image(params, images, batch_stats)
+      loss, metrics = loss_of_features(image_features, embed_text(params, tokens),
+                                       params["logit_scale"], params.get("logit_bias"))
+      return loss, (metrics, new_stats)
+    (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, constrain_grads(grads), new_stats
 
-  def gradcache(params, images, tokens):
+  def gradcache(params, images, tokens, batch_stats):
     """Exact accumulation: embed all micro-batches without gradients, take the loss's
     gradient w.r.t. every embedding over the global batch, then backpropagate it through
-    each micro-batch in turn (a VJP per micro-batch)."""
+    each micro-batch in turn (a VJP per micro-batch). BatchNorm: see the module docstring."""
     global_batch = images.shape[0]
 
     def split(x):  # [B, ...] -> [accum, B/accum, ...]; micro k is rows k, k+accum, ... so
@@ -190,10 +237,11 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
 
     images_m, tokens_m = split(images), split(tokens)
 
-    def embed_micro(_, xs):
-      return None, (embed(params, xs[0], "image"), embed(params, xs[1], "text"))
+    def embed_micro(stats, xs):  # the running averages move once per micro-batch, in order
+      image_features, stats = embed_image(params, xs[0], stats)
+      return stats, (image_features, embed_text(params, xs[1]))
 
-    _, (image_m, text_m) = jax.lax.scan(embed_micro, None, (images_m, tokens_m))
+    new_stats, (image_m, text_m) = jax.lax.scan(embed_micro, batch_stats, (images_m, tokens_m))
     has_bias = "logit_bias" in params
     args = (merge(image_m), merge(text_m), params["logit_scale"],
             params["logit_bias"] if has_bias else None)
@@ -202,6 +250,9 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
         loss_of_features, argnums=argnums, has_aux=True)(*args)
     d_image_m, d_text_m = split(feature_grads[0]), split(feature_grads[1])
     trainable = [t for t in ("image", "text") if t != freeze]
+    # The recomputation normalises each micro-batch with its own statistics, as the embedding
+    # pass did (in training mode the output does not read the running averages).
+    embed = {"image": lambda p, x: embed_image(p, x, batch_stats)[0], "text": embed_text}
 
     def backprop_micro(acc, xs):
       inputs = {"image": xs[0], "text": xs[1]}
@@ -209,7 +260,7 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
       out = {}
       for tower in trainable:
         key = TOWER_PARAMS[tower]
-        _, vjp = jax.vjp(lambda sub: embed(dict(params, **{key: sub}), inputs[tower], tower),
+        _, vjp = jax.vjp(lambda sub: embed[tower](dict(params, **{key: sub}), inputs[tower]),
                          params[key])
         out[key] = jax.tree_util.tree_map(jnp.add, acc[key], vjp(cotangents[tower])[0])
       return out, None
@@ -222,19 +273,22 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
     grads = dict(zeros, **tower_grads, logit_scale=feature_grads[2])
     if has_bias:
       grads["logit_bias"] = feature_grads[3]
-    return loss, metrics, constrain_grads(grads)
+    return loss, metrics, constrain_grads(grads), new_stats
 
   return direct if accum == 1 else gradcache
 
 
 def make_grad_fn(config, mesh: Mesh, param_shardings=None) -> Callable:
-  """Jitted (params, batch) -> (loss, metrics, grads); what the train step differentiates."""
+  """Jitted (params, batch, batch_stats={}) -> (loss, metrics, grads, new batch_stats); what
+  the train step differentiates."""
   fn = make_loss_and_grad(config, mesh, param_shardings)
-  jitted = jax.jit(lambda params, batch: fn(params, batch["images"], batch["tokens"]))
+  jitted = jax.jit(lambda params, batch, stats: fn(params, batch["images"], batch["tokens"],
+                                                   stats))
 
-  def grad_fn(params, batch):
+  def grad_fn(params, batch, batch_stats=None):
     with mesh_context(config, mesh):
-      return jitted(params, {"images": batch["images"], "tokens": batch["tokens"]})
+      return jitted(params, {"images": batch["images"], "tokens": batch["tokens"]},
+                    {} if batch_stats is None else batch_stats)
   return grad_fn
 
 
@@ -249,7 +303,7 @@ def make_train_step(config, mesh: Mesh, state_shardings) -> Callable:
   batch: {"images": [B, H, W, 3] float32|bfloat16, "tokens": [B, 77] int32} global arrays on
   `sharding.batch_sharding(mesh)` (other keys are ignored). Metrics are replicated scalars.
   """
-  shd.validate_config(config, num_devices=mesh.devices.size)
+  shd.validate_config(config, num_devices=mesh.devices.size, num_slices=shd.mesh_slices(mesh))
   loss_and_grad = make_loss_and_grad(config, mesh, state_shardings.params)
   tx = make_optimizer(config)
   schedule = make_schedule(config)
@@ -257,7 +311,8 @@ def make_train_step(config, mesh: Mesh, state_shardings) -> Callable:
   log_update_norm = bool(config.get("log_update_norm", False))
 
   def step_fn(state: TrainState, batch):
-    loss, metrics, grads = loss_and_grad(state.params, batch["images"], batch["tokens"])
+    loss, metrics, grads, batch_stats = loss_and_grad(state.params, batch["images"],
+                                                      batch["tokens"], state.batch_stats)
     # The norms read trees that exist anyway (the gradients, the new parameters) behind
     # optimization barriers. Without them XLA shares g*g between the gradient norm and Adam's
     # second moment and writes it out, and the parameter norm recomputes the update: on
@@ -279,7 +334,8 @@ def make_train_step(config, mesh: Mesh, state_shardings) -> Callable:
                    learning_rate=schedule(state.step))
     if "logit_bias" in state.params:
       metrics["logit_bias"] = state.params["logit_bias"]
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           batch_stats=batch_stats)
     return new_state, jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
   batch_shardings = {"images": shd.batch_sharding(mesh), "tokens": shd.batch_sharding(mesh)}

@@ -1,6 +1,7 @@
 """The CLIP paper's pre-training recipe (Radford et al. 2021, Table 19/20), shared by the
-ViT variants: 32 epochs over 400M pairs at a global batch of 32,768, AdamW (b2 0.98,
-eps 1e-6, wd 0.2), 2,000 warmup steps then cosine decay, bfloat16 compute.
+ViT and ResNet variants: 32 epochs over 400M pairs at a global batch of 32,768, AdamW (b2 0.98,
+eps 1e-6, wd 0.2; the ResNets' configs set b2 0.999 and eps 1e-8), 2,000 warmup steps then
+cosine decay, bfloat16 compute.
 """
 import os
 import sys
@@ -26,6 +27,11 @@ def get_config(model: str, learning_rate: float):
   # chips; the chunked ring loss never materialises the 32768 x 32768 logits.
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.loss_impl = "chunked"
+  # Per TPU kind (v4, v5e, v5p, v6e), what the step needs to fit that kind's HBM at this batch
+  # (16 GiB a v5e chip, 32 a v6e, 95 a v5p): --config flags without the prefix, applied on
+  # such a slice by the trainer and by the preflight (`--dry_run --topology=v5e-256`); a
+  # --config flag for the same field wins. Each recipe sets them from the compiler's figures
+  # (README "TPU preflight"); `--dry_run --topology=... --fit` finds them for other settings.
   c.data.source = "wds"
   c.data.path = "gs://YOUR_BUCKET/laion400m/{00000..41407}.tar"  # img2dataset shards
   c.data.image_dtype = "bfloat16"

@@ -49,7 +49,7 @@ def host_params(c):
 def loss_and_grads(c, mesh, batch, params):
   _, shardings = st.abstract_train_state(c, mesh)
   params = jax.device_put(params, shardings.params)
-  loss, metrics, grads = st.make_grad_fn(c, mesh, shardings.params)(params, on_mesh(batch, mesh))
+  loss, metrics, grads, _ = st.make_grad_fn(c, mesh, shardings.params)(params, on_mesh(batch, mesh))
   return float(loss), jax.tree_util.tree_map(np.asarray, grads)
 
 
@@ -145,7 +145,7 @@ def test_step_norm_metrics(host_batch, grad_clip_norm):
   mesh = mesh_for(c)
   params = host_params(c)
   state, shardings = st.create_train_state(c, mesh, jax.random.PRNGKey(0), params=params)
-  _, _, grads = st.make_grad_fn(c, mesh, shardings.params)(state.params, on_mesh(host_batch, mesh))
+  _, _, grads, _ = st.make_grad_fn(c, mesh, shardings.params)(state.params, on_mesh(host_batch, mesh))
   updates, _ = make_optimizer(c).update(grads, state.opt_state, state.params)
   grads, updates = jax.device_get((grads, updates))
   state, metrics = st.make_train_step(c, mesh, shardings)(state, on_mesh(host_batch, mesh))

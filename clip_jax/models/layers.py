@@ -6,7 +6,7 @@ by rules. Names used here:
 
   batch, seq, embed, heads, kv (head dim), qkv (the 3 of a fused projection), mlp,
   norm (LayerNorm params), layers (the scanned axis), vocab, pos, proj,
-  patch_h, patch_w, channels.
+  patch_h, patch_w, channels; the ResNet (models/resnet.py): conv_h, conv_w, conv_in, conv_out.
 """
 from __future__ import annotations
 

@@ -50,8 +50,12 @@ def interpolate_pos_embed(params, new_grid: int, method: str = "bicubic"):
   """Resizes the image tower's position embedding to a `new_grid` x `new_grid` patch grid.
 
   The class-token row is kept; the grid rows are resized as an image (e.g. L/14 at 224px,
-  16x16, to L/14 at 336px, 24x24). Returns a new params tree.
+  16x16, to L/14 at 336px, 24x24). A ResNet's is its attention pool's (the mean token's row
+  kept, the feature map's rows resized). Returns a new params tree.
   """
+  if "attnpool" in params["visual"]:
+    attnpool = interpolate_pos_embed({"visual": params["visual"]["attnpool"]}, new_grid, method)
+    return dict(params, visual=dict(params["visual"], attnpool=attnpool["visual"]))
   pos = np.asarray(params["visual"]["positional_embedding"])
   cls_pos, grid_pos = pos[:1], pos[1:]
   old_grid = int(round(np.sqrt(grid_pos.shape[0])))

@@ -122,6 +122,29 @@ class Bottleneck(nn.Module):
     return nn.relu(out + x)
 
 
+class Projection(nn.Module):
+  """y = x . kernel + bias over the trailing `in_shape` dims, kernel [*in_shape, *out_shape]
+  (nn.DenseGeneral, with logical axis names on the unflattened kernel)."""
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  std: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = param_with_axes(self, "kernel", normal(self.std), self.in_shape + self.out_shape,
+                             self.param_dtype, self.in_axes + self.out_axes)
+    bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape, self.param_dtype,
+                           self.out_axes)
+    n = len(self.in_shape)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+    return y + bias.astype(self.dtype)
+
+
 class AttentionPool(nn.Module):
   """Multi-head attention of the mean token over [mean; tokens] + position embedding."""
   heads: int
@@ -141,22 +164,17 @@ class AttentionPool(nn.Module):
                           (h * w + 1, width), self.param_dtype, ("pos", "embed"))
     x = (x + pos.astype(jnp.float32)[None]).astype(self.dtype)
     std = width ** -0.5  # openai/CLIP's initialize_parameters
+    heads_kv = (self.heads, head_dim)
 
     def project(name, inputs):
-      return nn.DenseGeneral(
-          (self.heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(normal(std), ("embed", "heads", "kv")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-          name=name)(inputs)
+      return Projection((width,), heads_kv, ("embed",), ("heads", "kv"), std, self.dtype,
+                        self.param_dtype, name=name)(inputs)
 
     q = project("q_proj", x[:, :1])
     k, v = project("k_proj", x), project("v_proj", x)
     out = dot_product_attention(q, k, v, causal=False)  # [B, 1, heads, head_dim]
-    out = nn.DenseGeneral(
-        self.output_dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(normal(std), ("heads", "kv", "proj")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("proj",)),
-        name="c_proj")(out)
+    out = Projection(heads_kv, (self.output_dim,), ("heads", "kv"), ("proj",), std, self.dtype,
+                     self.param_dtype, name="c_proj")(out)
     return out[:, 0].astype(jnp.float32)
 
 
