@@ -34,9 +34,13 @@ MALLOC_RETAIN_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <<
                      "MALLOC_ARENA_MAX": "1"}
 
 
+MODELS = ("vitb32", "vitb16", "vitl14", "vitl14_336", "rn50", "rn101", "rn50x4", "rn50x16",
+          "rn50x64", "tiny", "tiny_rn")  # clip_jax.models.MODEL_CONFIGS (tests check)
+
+
 def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
-  p.add_argument("--model", default="vitb32", choices=("vitb32", "vitb16", "vitl14", "tiny"))
+  p.add_argument("--model", default="vitb32", choices=MODELS)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=10,
                  help="timed rounds (after warm-up); each times --block steps of each side")
@@ -268,6 +272,9 @@ def timed(fn, block: int = 1):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.peer and args.model.startswith(("rn", "tiny_rn")):
+    sys.exit(f"error: --peer {args.peer} builds transformers' CLIPModel, which has no ResNet "
+             f"image tower; time --model {args.model} alone")
   if args.malloc_retain:
     reexec_with_malloc_retain()
   result, _ = run(args, pin_threads(args.threads))

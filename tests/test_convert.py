@@ -146,8 +146,10 @@ def test_cli_error_is_one_line_and_leaves_nothing(openai_numpy, tmp_path):
 
 
 # open_clip's model names, as its src/open_clip/model_configs/*.json spell them.
-OPEN_CLIP_VIT_NAMES = {"ViT-B-32": "vitb32", "ViT-B-16": "vitb16", "ViT-L-14": "vitl14",
-                       "ViT-L-14-336": "vitl14_336"}
+# open_clip's src/open_clip/model_configs/<name>.json and <name>-quickgelu.json
+OPEN_CLIP_BASE_NAMES = {"ViT-B-32": "vitb32", "ViT-B-16": "vitb16", "ViT-L-14": "vitl14",
+                        "ViT-L-14-336": "vitl14_336", "RN50": "rn50", "RN101": "rn101",
+                        "RN50x4": "rn50x4", "RN50x16": "rn50x16", "RN50x64": "rn50x64"}
 # Notes name the matching open_clip model; tiny has none, so tests give it one.
 TINY_NAMES = {"ViT-T-8": ("tiny", "gelu"), "ViT-T-8-quickgelu": ("tiny", "quick_gelu")}
 TINY_NOTE = ("act gelu assumed (open_clip's default); for a QuickGELU checkpoint such as the "
@@ -171,7 +173,7 @@ def tiny_file(openai_numpy, tmp_path):
 
 def test_open_clip_names_give_variant_and_act():
   expected = {}
-  for base, variant in OPEN_CLIP_VIT_NAMES.items():
+  for base, variant in OPEN_CLIP_BASE_NAMES.items():
     expected[base] = (variant, "gelu")
     expected[base + "-quickgelu"] = (variant, "quick_gelu")
   assert OPEN_CLIP_NAMES == expected

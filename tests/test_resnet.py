@@ -249,6 +249,13 @@ def test_missing_and_misshaped_keys_are_one_error(tiny_reference):
   assert "visual.attnpool.c_proj.bias (3,) (expected (64,))" in message
 
 
+def test_open_clip_resnet_name(tiny_reference):
+  # open_clip's names carry the activation: RN50 is exact GELU there, RN50-quickgelu OpenAI's.
+  numpy_state = {k: v.numpy() for k, v in tiny_reference[0].items()}
+  with pytest.raises(ValueError, match="does not fit model 'rn50'"):
+    convert.convert_state_dict(numpy_state, source="open_clip", model="RN50-quickgelu")
+
+
 def test_wrong_model_is_named(tiny_reference):
   numpy_state = {k: v.numpy() for k, v in tiny_reference[0].items()}
   with pytest.raises(ValueError, match="does not fit model 'rn50'"):
@@ -328,3 +335,31 @@ def test_remat_and_bfloat16():
   ref = model.apply(variables, images, method="encode_image")
   assert out.dtype == jnp.float32
   assert_close(out, ref, rtol=5e-2, what="bfloat16 image features")
+
+
+# ------------------------------------------------------------------------ everywhere a name is
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_recipe_configs(name):
+  # configs/rnXX.py: the paper's recipe for the ResNets; what --dry_run counts as num_params.
+  import importlib
+  from clip_jax import sharding as shd
+  from clip_jax import step as st
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config.model == name and config.batch_size == 32_768
+  assert (config.optimizer.b2, config.optimizer.eps) == (0.999, 1e-8)
+  lr = {"rn50": 5e-4, "rn101": 5e-4, "rn50x4": 5e-4, "rn50x16": 4e-4, "rn50x64": 3.6e-4}[name]
+  assert config.optimizer.learning_rate == lr
+  mesh = shd.create_mesh(config, jax.devices()[:1])
+  abstract, _ = st.abstract_train_state(config, mesh)
+  assert count_params(abstract.params) == PARAM_COUNTS[name]
+  assert count_params(abstract.batch_stats) > 0
+
+
+def test_benchmarks_offer_every_model():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+  spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert sorted(module.MODELS) == sorted(MODEL_CONFIGS)

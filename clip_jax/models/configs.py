@@ -174,7 +174,8 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
 # open_clip's names of the same variants. The name also fixes the activation, as open_clip builds
 # them: "-quickgelu" is OpenAI's QuickGELU (OpenAI's and the LAION-400M weights), else exact GELU.
 _OPEN_CLIP_BASES = {"vitb32": "ViT-B-32", "vitb16": "ViT-B-16", "vitl14": "ViT-L-14",
-                    "vitl14_336": "ViT-L-14-336"}
+                    "vitl14_336": "ViT-L-14-336", "rn50": "RN50", "rn101": "RN101",
+                    "rn50x4": "RN50x4", "rn50x16": "RN50x16", "rn50x64": "RN50x64"}
 OPEN_CLIP_NAMES: dict[str, tuple[str, str]] = {
     base + suffix: (variant, act)
     for variant, base in _OPEN_CLIP_BASES.items()
