@@ -1,6 +1,6 @@
 """The CLIP paper's pre-training recipe (Radford et al. 2021, Table 19/20), shared by the
 ViT and ResNet variants: 32 epochs over 400M pairs at a global batch of 32,768, AdamW (b2 0.98,
-eps 1e-6, wd 0.2; the ResNets' configs set b2 0.999 and eps 1e-8), 2,000 warmup steps then
+eps 1e-6, wd 0.2; the ResNets b2 0.999 and eps 1e-8), 2,000 warmup steps then
 cosine decay, bfloat16 compute.
 """
 import os
@@ -20,6 +20,8 @@ def get_config(model: str, learning_rate: float):
   c.epochs = 32.0                    # total_steps = 32 * 400M / 32768 = 390,625
   c.optimizer.learning_rate = learning_rate
   c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.98, 1e-6
+  if model.startswith("rn"):  # Table 19: Adam beta2 0.999 and eps 1e-8 for the ResNets
+    c.optimizer.b2, c.optimizer.eps = 0.999, 1e-8
   c.optimizer.weight_decay = 0.2
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 2000

@@ -15,7 +15,5 @@ from configs import _paper  # noqa: E402
 
 def get_config():
   c = _paper.get_config("rn50x16", learning_rate=4e-4)
-  # Table 19: the ResNets used Adam beta2 0.999 and eps 1e-8 (the ViTs 0.98 and 1e-6).
-  c.optimizer.b2, c.optimizer.eps = 0.999, 1e-8
   c.lock()
   return c

@@ -18,23 +18,15 @@ from clip_jax import sharding as shd
 from clip_jax import step as st
 from clip_jax.losses import contrastive_loss
 from clip_jax.models import MODEL_CONFIGS, create_model, init_variables, l2_normalize
-from configs.common import get_config
 
-from test_step import assert_grads_close, on_mesh
+from test_step import B, assert_grads_close, on_mesh
+from test_step import config as step_config
 
-B = 16
 SIZE = MODEL_CONFIGS["tiny_rn"].vision.image_size
 
 
 def config(**kw):
-  c = get_config()
-  c.model = "tiny_rn"
-  c.batch_size = B
-  c.total_steps = 10
-  c.optimizer.warmup_steps = 0
-  for k, v in kw.items():
-    setattr(c, k, v)
-  return c
+  return step_config(model="tiny_rn", **kw)
 
 
 @pytest.fixture(scope="module")
