@@ -9,12 +9,13 @@ imports none of them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional
 
 from etils import epath
 import flax.linen as nn
@@ -34,23 +35,21 @@ def is_converted_dir(path) -> bool:
   return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def save_params(directory, params, model_config: CLIPConfig, *, overwrite: bool = False) -> None:
-  """Writes `params` (scanned or not, boxed or not) and `model_config` to `directory`.
+@contextlib.contextmanager
+def atomic_directory(directory, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
+  """Yields a temporary dir beside `directory` to fill; renamed into place when the block ends,
+  removed if it raises, so a failure leaves nothing at `directory`. Single-process only.
 
-  Atomic: everything is written to a temporary dir beside `directory`, which is renamed into
-  place only when complete, so a failure leaves nothing at `directory`. Single-process only.
+  Raises ValueError if `directory` exists and not `overwrite`.
   """
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise ValueError(f"{directory} already exists; remove it or pass overwrite=True (--overwrite)")
-  params = scan_params(nn.meta.unbox(params))
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
   try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint should read like any dir
-    (tmp / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / PARAMS_DIR, params)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result should read like any dir
+    yield tmp
     if directory.exists():
       old = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
       os.rename(directory, old / "d")
@@ -61,6 +60,18 @@ def save_params(directory, params, model_config: CLIPConfig, *, overwrite: bool 
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def save_params(directory, params, model_config: CLIPConfig, *, overwrite: bool = False) -> None:
+  """Writes `params` (scanned or not, boxed or not) and `model_config` to `directory`.
+
+  Atomic (`atomic_directory`): a failure leaves nothing at `directory`. Single-process only.
+  """
+  params = scan_params(nn.meta.unbox(params))
+  with atomic_directory(directory, overwrite=overwrite) as tmp:
+    (tmp / CONFIG_FILE).write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / PARAMS_DIR, params)
 
 
 def load_params(directory, sharding: Optional[jax.sharding.Sharding] = None):

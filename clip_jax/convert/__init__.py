@@ -26,6 +26,7 @@ by every image family, `vit` the ViT image tower's (both are `blocks.Transformer
 `resnet` the ResNet's;
 this module detects the layout and the image family (`IMAGE_FAMILIES`: a new family is one
 module beside vit.py, with the functions vit.py has), checks the keys and writes the result;
+`params_to_openai` and `openai_to_hf` are the inverse maps, for `clip_jax.export`;
 `__main__` is the command line.
 
 PyTorch is needed only to read .pt/.bin files, and is imported only then.
@@ -46,7 +47,7 @@ from clip_jax.convert.readers import (HF_ACTS, _is_torchscript, read_sharded,  #
 from clip_jax.params_io import save_params
 from clip_jax.models import (BATCH_STATS, MODEL_CONFIGS, CLIPConfig, abstract_loaded_params,
                              create_model, get_model_config, open_clip_name, resolve_model_name,
-                             scan_params)
+                             scan_params, unscan_params)
 
 SOURCES = ("openai", "open_clip", "hf")
 LAYOUTS = ("openai", "hf")
@@ -201,6 +202,33 @@ def openai_to_params(state, config: CLIPConfig) -> dict:
   if hasattr(image, "to_batch_stats"):
     params[BATCH_STATS] = {"visual": image.to_batch_stats(state, config)}
   return params
+
+
+def openai_to_hf(state, family: Optional[str] = None) -> dict[str, np.ndarray]:
+  """The inverse of `hf_to_openai`: an OpenAI-layout state dict under Hugging Face CLIPModel's
+  names and layouts. Raises ValueError for a family Hugging Face does not have (the ResNets)."""
+  family = family or detect_family(state, "openai")
+  image = IMAGE_FAMILIES[family]
+  if not hasattr(image, "openai_to_hf"):
+    raise ValueError(f"Hugging Face CLIPModel has no {family} image tower; export the "
+                     "open_clip or openai layout instead")
+  out = {**image.openai_to_hf(state), **text.openai_to_hf(state)}
+  out.update({k: state[k] for k in ("logit_scale", "logit_bias") if k in state})
+  return out
+
+
+def params_to_openai(params, config: CLIPConfig) -> dict[str, np.ndarray]:
+  """The inverse of `openai_to_params`: an OpenAI-layout state dict from our params (scanned
+  or not, numpy; a ResNet's with its `batch_stats`, written as BatchNorm buffers)."""
+  params = unscan_params(params)
+  image = IMAGE_FAMILIES[config_family(config)]
+  state = {**image.from_params(params["visual"], config),
+           **text.from_params(params["text"], config), "logit_scale": params["logit_scale"]}
+  if "logit_bias" in params:
+    state["logit_bias"] = params["logit_bias"]
+  if hasattr(image, "from_batch_stats"):
+    state.update(image.from_batch_stats(params[BATCH_STATS]["visual"], config))
+  return state
 
 
 def _check_tree(params, config: CLIPConfig) -> None:

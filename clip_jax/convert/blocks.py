@@ -15,6 +15,8 @@ import numpy as np
 
 _HF_BLOCK_RENAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
                      "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+_OPENAI_BLOCK_RENAMES = {openai: hf for hf, openai in _HF_BLOCK_RENAMES.items()}
+_QKV = ("q", "k", "v")
 
 
 def mlp_hidden(width: int, ratio: float) -> int:
@@ -52,6 +54,11 @@ def layer_norm(state, prefix: str) -> dict:
   return {"scale": state[prefix + ".weight"], "bias": state[prefix + ".bias"]}
 
 
+def layer_norm_state(params: dict, prefix: str) -> dict:
+  """The inverse of `layer_norm`: `{prefix}.weight` and `{prefix}.bias`."""
+  return {prefix + ".weight": params["scale"], prefix + ".bias": params["bias"]}
+
+
 def block_params(state, prefix: str, heads: int) -> dict:
   """Our params of one (OpenAI-named) block."""
   w = state[prefix + "ln_1.weight"].shape[0]
@@ -75,6 +82,26 @@ def block_params(state, prefix: str, heads: int) -> dict:
   }
 
 
+def block_state(params: dict, prefix: str) -> dict:
+  """The inverse of `block_params`: one block's OpenAI-named tensors (after `prefix`)."""
+  qkv, out = params["attn"]["qkv"], params["attn"]["out"]
+  width = qkv["kernel"].shape[0]
+  mlp = params["mlp"]
+  return {
+      **layer_norm_state(params["ln_1"], prefix + "ln_1"),
+      # [w, 3, heads, head_dim] -> torch's [3 * w, w], rows (q|k|v, head, head_dim).
+      prefix + "attn.in_proj_weight": qkv["kernel"].transpose(1, 2, 3, 0).reshape(-1, width),
+      prefix + "attn.in_proj_bias": qkv["bias"].reshape(-1),
+      prefix + "attn.out_proj.weight": out["kernel"].reshape(-1, width).T,
+      prefix + "attn.out_proj.bias": out["bias"],
+      **layer_norm_state(params["ln_2"], prefix + "ln_2"),
+      prefix + "mlp.c_fc.weight": mlp["c_fc"]["kernel"].T,
+      prefix + "mlp.c_fc.bias": mlp["c_fc"]["bias"],
+      prefix + "mlp.c_proj.weight": mlp["c_proj"]["kernel"].T,
+      prefix + "mlp.c_proj.bias": mlp["c_proj"]["bias"],
+  }
+
+
 def _read_dims(state, sources: dict[str, list[tuple[str, int]]]) -> dict[str, int]:
   """{dim: size} from `sources` ({dim: [(key, axis), ...]}, the first key present wins)."""
   dims = {}
@@ -84,6 +111,22 @@ def _read_dims(state, sources: dict[str, list[tuple[str, int]]]) -> dict[str, in
         dims[name] = int(np.shape(state[key])[axis])
         break
   return dims
+
+
+def _block_tensors(state, prefix: str):
+  """(block index, name inside the block, tensor) of every `{prefix}{i}.{name}` in `state`."""
+  pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.+)$")
+  for key, value in state.items():
+    if m := pattern.match(key):
+      yield m.group(1), m.group(2), value
+
+
+def _rename(name: str, renames: dict[str, str]) -> Optional[str]:
+  """`name` with the first prefix of `renames` it starts with replaced; None if none."""
+  for old, new in renames.items():
+    if name.startswith(old + "."):
+      return new + name[len(old):]
+  return None
 
 
 def _count_blocks(state, prefix: str) -> Optional[int]:
@@ -132,32 +175,51 @@ class TransformerTower:
       dims[self.layers_dim] = layers
     return dims
 
+  def _outside_blocks(self, state, to: str) -> dict[str, np.ndarray]:
+    """The tensors outside the blocks, renamed to layout `to` (the projection transposed)."""
+    renames = [*self.hf_names.items(), self.hf_projection]
+    if to == "hf":
+      renames = [(openai, hf) for hf, openai in renames]
+    projection = self.hf_projection[0 if to == "hf" else 1]
+    return {new: state[old].T if new == projection else state[old] for old, new in renames}
+
   def hf_to_openai(self, state) -> dict[str, np.ndarray]:
     """The tower's tensors of a (checked) Hugging Face state dict, under OpenAI's names."""
-    out = {openai: state[hf] for hf, openai in self.hf_names.items()}
-    hf_projection, openai_projection = self.hf_projection
-    out[openai_projection] = state[hf_projection].T
+    out = self._outside_blocks(state, to="openai")
     hf_prefix, openai_prefix = self.blocks["hf"], self.blocks["openai"]
-    pattern = re.compile(re.escape(hf_prefix) + r"(\d+)\.(.+)$")
-    for key, value in state.items():
-      if not (m := pattern.match(key)):
-        continue
-      i, rest = m.groups()
+    for i, rest, value in _block_tensors(state, hf_prefix):
       prefix = f"{openai_prefix}{i}."
-      if rest.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+      if rest.startswith("self_attn.q_proj."):  # fuse q, k, v as OpenAI's in_proj (rows q;k;v)
         kind = rest.rsplit(".", 1)[1]
-        if rest.startswith("self_attn.q_proj"):  # fuse q, k, v as OpenAI's in_proj (rows q;k;v)
-          hf = f"{hf_prefix}{i}.self_attn.{{}}_proj.{kind}"
-          out[prefix + f"attn.in_proj_{kind}"] = np.concatenate(
-              [state[hf.format(n)] for n in ("q", "k", "v")])
-        continue
-      for old, new in _HF_BLOCK_RENAMES.items():
-        if rest.startswith(old + "."):
-          out[prefix + new + rest[len(old):]] = value
-          break
+        out[prefix + f"attn.in_proj_{kind}"] = np.concatenate(
+            [state[f"{hf_prefix}{i}.self_attn.{n}_proj.{kind}"] for n in _QKV])
+      elif (name := _rename(rest, _HF_BLOCK_RENAMES)) is not None:
+        out[prefix + name] = value
+    return out
+
+  def openai_to_hf(self, state) -> dict[str, np.ndarray]:
+    """The inverse of `hf_to_openai`: the tower's tensors of an OpenAI-layout state dict, under
+    Hugging Face's names."""
+    out = self._outside_blocks(state, to="hf")
+    hf_prefix, openai_prefix = self.blocks["hf"], self.blocks["openai"]
+    for i, rest, value in _block_tensors(state, openai_prefix):
+      prefix = f"{hf_prefix}{i}."
+      if rest.startswith("attn.in_proj_"):  # split OpenAI's fused in_proj (rows q;k;v)
+        kind = rest[len("attn.in_proj_"):]
+        out.update({prefix + f"self_attn.{n}_proj.{kind}": part
+                    for n, part in zip(_QKV, np.split(value, 3))})
+      elif (name := _rename(rest, _OPENAI_BLOCK_RENAMES)) is not None:
+        out[prefix + name] = value
     return out
 
   def params(self, state, layers: int, heads: int) -> dict:
     """Our (unscanned) transformer params, resblocks_0..L-1, from a checked OpenAI-layout dict."""
     prefix = self.blocks["openai"]
     return {f"resblocks_{i}": block_params(state, f"{prefix}{i}.", heads) for i in range(layers)}
+
+  def state(self, params: dict) -> dict:
+    """The inverse of `params`: OpenAI-named tensors from unscanned transformer params."""
+    prefix, state = self.blocks["openai"], {}
+    for i in range(len(params)):
+      state.update(block_state(params[f"resblocks_{i}"], f"{prefix}{i}."))
+    return state

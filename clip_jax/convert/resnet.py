@@ -8,7 +8,8 @@ Names: the stem `visual.conv{1,2,3}.weight` and `visual.bn{1,2,3}.*`; Bottleneck
 BatchNorm has `weight`, `bias`, `running_mean`, `running_var` and `num_batches_tracked` (a
 counter, not needed). Hugging Face has no CLIP ResNet, so there is one layout.
 
-See `clip_jax.convert.vit` for what an image family's module provides.
+See `clip_jax.convert.vit` for what an image family's module provides; `from_batch_stats`
+inverts `to_batch_stats` too.
 """
 from __future__ import annotations
 
@@ -122,6 +123,12 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
+def _get(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def to_params(state, config: CLIPConfig) -> dict:
   """`params["visual"]` from a checked OpenAI-layout state dict."""
   v = config.vision
@@ -151,3 +158,34 @@ def to_batch_stats(state, config: CLIPConfig) -> dict:
     _set(stats, norm_path, {"mean": state[norm + ".running_mean"],
                             "var": state[norm + ".running_var"]})
   return stats
+
+
+def from_params(params: dict, config: CLIPConfig) -> dict:
+  """The inverse of `to_params`: the image tower's OpenAI-layout tensors (running statistics
+  aside, see `from_batch_stats`)."""
+  state = {}
+  for conv, norm, conv_path, norm_path, _ in _convs_and_norms(config.vision):
+    state[conv + ".weight"] = _get(params, conv_path)["kernel"].transpose(3, 2, 0, 1)  # OIHW
+    bn = _get(params, norm_path)
+    state.update({norm + ".weight": bn["scale"], norm + ".bias": bn["bias"]})
+  attnpool = params["attnpool"]
+  state["visual.attnpool.positional_embedding"] = attnpool["positional_embedding"]
+  for name in ("q", "k", "v", "c"):
+    proj = attnpool[f"{name}_proj"]
+    kernel = proj["kernel"]  # q/k/v: [pool, heads, head_dim]; c: [heads, head_dim, out]
+    kernel = kernel.reshape(-1, kernel.shape[-1]) if name == "c" else kernel.reshape(
+        kernel.shape[0], -1)
+    state[f"visual.attnpool.{name}_proj.weight"] = kernel.T
+    state[f"visual.attnpool.{name}_proj.bias"] = proj["bias"].reshape(-1)
+  return state
+
+
+def from_batch_stats(stats: dict, config: CLIPConfig) -> dict:
+  """The inverse of `to_batch_stats`: every BatchNorm's running_mean / running_var, and a zero
+  num_batches_tracked (PyTorch's BatchNorm keeps the counter; strict loading wants it)."""
+  state = {}
+  for _, norm, _, norm_path, _ in _convs_and_norms(config.vision):
+    bn = _get(stats, norm_path)
+    state.update({norm + ".running_mean": bn["mean"], norm + ".running_var": bn["var"],
+                  norm + ".num_batches_tracked": np.zeros((), np.int64)})
+  return state

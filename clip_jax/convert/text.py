@@ -35,9 +35,11 @@ TOWER = blocks.TransformerTower(
         },
     },
     layers_dim="text.layers")
-# The sizes readable from the tensor shapes, and a (checked) HF state dict's text tower renamed.
+# The sizes readable from the tensor shapes, and a (checked) HF state dict's text tower renamed
+# (and back).
 infer_dims = TOWER.infer_dims
 hf_to_openai = TOWER.hf_to_openai
+openai_to_hf = TOWER.openai_to_hf
 
 
 def expected_shapes(config: CLIPConfig, layout: str) -> dict[str, tuple]:
@@ -76,4 +78,16 @@ def to_params(state, config: CLIPConfig) -> dict:
       "transformer": TOWER.params(state, t.layers, t.heads),
       "ln_final": blocks.layer_norm(state, "ln_final"),
       "text_projection": state["text_projection"],
+  }
+
+
+def from_params(params: dict, config: CLIPConfig) -> dict:
+  """The inverse of `to_params`: the text tower's OpenAI-layout tensors from unscanned params."""
+  del config  # the tree has every size
+  return {
+      "token_embedding.weight": params["token_embedding"],
+      "positional_embedding": params["positional_embedding"],
+      **TOWER.state(params["transformer"]),
+      **blocks.layer_norm_state(params["ln_final"], "ln_final"),
+      "text_projection": params["text_projection"],
   }

@@ -6,8 +6,9 @@ OpenAI's and open_clip's names: `visual.conv1.weight`, `visual.class_embedding`,
 `visual_projection.weight`.
 
 An image family's module (see `clip_jax.convert.IMAGE_FAMILIES`) has what this one has:
-CONFIG_TYPE, KEY_PREFIXES, expected_shapes, infer_dims, config_dims, tower_config, to_params, and
-hf_to_openai where Hugging Face has the family.
+CONFIG_TYPE, KEY_PREFIXES, expected_shapes, infer_dims, config_dims, tower_config, to_params and
+its inverse from_params (for clip_jax.export), and hf_to_openai / openai_to_hf where Hugging Face
+has the family.
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ TOWER = blocks.TransformerTower(
         },
     },
     layers_dim="vision.layers")
-# The sizes readable from the tensor shapes, and a (checked) HF state dict's image tower renamed.
+# The sizes readable from the tensor shapes, and a (checked) HF state dict's image tower renamed
+# (and back).
 infer_dims = TOWER.infer_dims
 hf_to_openai = TOWER.hf_to_openai
+openai_to_hf = TOWER.openai_to_hf
 
 
 def expected_shapes(config: CLIPConfig, layout: str) -> dict[str, tuple]:
@@ -95,4 +98,18 @@ def to_params(state, config: CLIPConfig) -> dict:
       "transformer": TOWER.params(state, v.layers, v.heads),
       "ln_post": blocks.layer_norm(state, "visual.ln_post"),
       "proj": state["visual.proj"],
+  }
+
+
+def from_params(params: dict, config: CLIPConfig) -> dict:
+  """The inverse of `to_params`: the image tower's OpenAI-layout tensors from unscanned params."""
+  del config  # the tree has every size
+  return {
+      "visual.conv1.weight": params["conv1"].transpose(3, 2, 0, 1),  # [p,p,3,w] -> [w,3,p,p]
+      "visual.class_embedding": params["class_embedding"],
+      "visual.positional_embedding": params["positional_embedding"],
+      **blocks.layer_norm_state(params["ln_pre"], "visual.ln_pre"),
+      **TOWER.state(params["transformer"]),
+      **blocks.layer_norm_state(params["ln_post"], "visual.ln_post"),
+      "visual.proj": params["proj"],
   }
