@@ -9,7 +9,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -203,17 +202,11 @@ def test_multislice_compiles_over_dcn(capsys):
 
 @needs_libtpu
 def test_impossible_batch_does_not_fit_without_traceback():
-  """A subprocess, as the CLI runs it: one JSON line, fits false, the exit code, no traceback.
-  A second process holding libtpu at the same time must not block it (libtpu's lockfile)."""
-  code = textwrap.dedent("""
-      import sys
-      from clip_jax import preflight
-      from configs import tiny
-      c = tiny.get_config()
-      with c.unlocked():
-        c.mesh.data, c.mesh.fsdp, c.batch_size = 1, -1, 262144
-      sys.exit(preflight.run(c, "v5e:2x2"))
-  """)
+  """The command line: one JSON line, fits false, the exit code, no traceback. A second
+  process holding libtpu at the same time must not block it (libtpu's lockfile)."""
+  command = [sys.executable, "-m", "clip_jax.train", "--config=configs/tiny.py", "--dry_run",
+             "--topology=v5e:2x2", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+             "--config.batch_size=262144"]
   env = dict(os.environ, JAX_PLATFORMS="", PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
   holder = subprocess.Popen(  # another libtpu user holding /tmp/libtpu_lockfile meanwhile
@@ -224,8 +217,8 @@ def test_impossible_batch_does_not_fit_without_traceback():
       stderr=subprocess.DEVNULL, text=True)
   try:
     assert holder.stdout.readline().strip() == "ok"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
   finally:
     holder.kill()
     holder.wait()
@@ -237,3 +230,15 @@ def test_impossible_batch_does_not_fit_without_traceback():
   assert report["fits"] is False and report["global_batch"] == 262144
   assert report["memory_per_device"]["total"] > report["hbm_per_device"]
   assert "RESOURCE_EXHAUSTED" in report["error"]
+
+
+def test_topology_flags_need_the_dry_run():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for flags, says in ((["--topology=v5e-256"], "--topology needs --dry_run"),
+                      (["--dry_run", "--fit"], "--fit and --num_slices need --topology")):
+    result = subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/tiny.py",
+                             "--workdir=/nonexistent", *flags], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        result.stderr.strip()], result.stderr
+    assert says in result.stderr
