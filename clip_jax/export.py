@@ -36,6 +36,7 @@ import numpy as np
 
 from clip_jax import checkpoint, convert
 from clip_jax.convert import blocks
+from clip_jax.convert.readers import import_torch
 from clip_jax.models import MODEL_CONFIGS, OPENAI_MEAN, OPENAI_STD, CLIPConfig, open_clip_name
 from clip_jax.params_io import atomic_directory
 from clip_jax.tokenizer import EOT, SOT, default_tokenizer
@@ -77,17 +78,8 @@ def _save_safetensors(state: dict, path: pathlib.Path) -> None:
   save_file(state, str(path), metadata={"format": "pt"})  # transformers wants the "pt" tag
 
 
-def _import_torch(what: str):
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ValueError(f"{what} is a PyTorch file and needs PyTorch (pip install "
-                     "'clip_jax[convert]')") from e
-  return torch
-
-
 def _save_torch(state: dict, path: pathlib.Path, dtype: str) -> None:
-  torch = _import_torch(path.name)
+  torch = import_torch(f"{path.name} (a PyTorch file)")
   # torch reads no ml_dtypes bfloat16: cast in torch, from float32.
   tensors = {k: torch.from_numpy(v) for k, v in _cast(state, "float32").items()}
   tensors = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
@@ -270,7 +262,7 @@ def export(checkpoint_path, output_dir, *, fmt: str, dtype: str = "float32",
   if output_dir.exists() and not overwrite:  # fail before the (slow) read
     raise ValueError(f"--output {output_dir} already exists; remove it or pass --overwrite")
   if fmt == "openai" or pt:
-    _import_torch(OPENAI_WEIGHTS if fmt == "openai" else OPEN_CLIP_PT)
+    import_torch(f"{OPENAI_WEIGHTS if fmt == 'openai' else OPEN_CLIP_PT} (a PyTorch file)")
   state, config = read_checkpoint(checkpoint_path)
   if problems := format_problems(config, fmt):
     raise ValueError(f"--format {fmt} cannot express model {config.name!r} of "

@@ -34,12 +34,13 @@ def _is_torchscript(path: pathlib.Path) -> bool:
     return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def _import_torch(path):
+def import_torch(what: str, alternative: str = ""):
+  """torch, or one ValueError saying that `what` needs it (and `alternative`, if any)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ValueError(f"reading {path} needs PyTorch (pip install 'clip_jax[convert]'), or convert "
-                     "the file to .safetensors") from e
+    raise ValueError(f"{what} needs PyTorch (pip install 'clip_jax[convert]')"
+                     + (f", {alternative}" if alternative else "")) from e
   return torch
 
 
@@ -109,7 +110,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         floating = np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"
         state[key] = np.asarray(array, np.float32 if floating else array.dtype)
     return state
-  torch = _import_torch(path)
+  torch = import_torch(f"reading {path}", "or convert the file to .safetensors")
   if _is_torchscript(path):
     module = torch.jit.load(str(path), map_location="cpu")
     raw = module.state_dict()
