@@ -3,11 +3,15 @@ r"""Input pipeline throughput: images per second of clip_jax.data's training str
   python benchmarks/data_pipeline.py --make_shards /tmp/shards            # 4 x 512 256px JPEGs
   python benchmarks/data_pipeline.py --source wds --path '/tmp/shards/{00000..00003}.tar' \\
       --image_size 224 --batch_size 64 --batches 20 [--num_workers N] [--append_results]
+  python benchmarks/data_pipeline.py --make_files /tmp/files --jpeg_size 1024  # files + index.tsv
+  python benchmarks/data_pipeline.py --source files --path /tmp/files --image_dtype uint8
+  python benchmarks/data_pipeline.py --source csv --path /tmp/files/index.tsv --image_dtype uint8
 
 Times `--batches` local batches after `--warmup` untimed ones (worker start-up, first shuffle
 window) through the full training transform: JPEG decode, RandomResizedCrop(bicubic),
 tokenization, batching, then the global arrays on this host's devices and the mean/std
-normalisation there (as in training). Prints one JSON line with images_per_s, the worker
+normalisation there (as in training; with --image_dtype uint8 the images stay uint8, for the
+train step to normalise). Prints one JSON line with images_per_s, the worker
 count, images_per_s_per_core (cores = the CPUs this process may use) and images_per_cpu_s
 (images per CPU-second the pipeline actually used: the per-core figure on a shared machine).
 """
@@ -45,25 +49,56 @@ def _cpu_seconds() -> float:
   return total
 
 
+def _sample(s: int, i: int, per_shard: int, size: int):
+  """A `size`px image (synthetic shapes with photo-like noise) and its caption."""
+  sample = synthetic.train_sample(1234, s * per_shard + i, size)
+  rng = np.random.default_rng([s, i])
+  # Extra mid-frequency texture so the JPEGs are photo-sized (~20-30 KB at 256px), not flat.
+  cell = max(4, size // 64)
+  texture = rng.normal(0, 18, (size // cell, size // cell, 1)).repeat(cell, 0).repeat(cell, 1)
+  return np.clip(sample["image"] + texture, 0, 255).astype(np.uint8), sample["caption"]
+
+
 def make_shards(directory: str, num_shards: int, per_shard: int, size: int = 256):
-  """Writes img2dataset-style shards of `size`px JPEGs (synthetic shapes with photo-like noise)."""
+  """Writes img2dataset-style shards of `size`px JPEGs."""
   os.makedirs(directory, exist_ok=True)
   for s in range(num_shards):
     samples = []
     for i in range(per_shard):
-      sample = synthetic.train_sample(1234, s * per_shard + i, size)
-      rng = np.random.default_rng([s, i])
-      # Extra mid-frequency texture so the JPEGs are photo-sized (~20-30 KB), not flat.
-      texture = rng.normal(0, 18, (size // 4, size // 4, 1)).repeat(4, 0).repeat(4, 1)
-      image = np.clip(sample["image"] + texture, 0, 255).astype(np.uint8)
-      samples.append((f"{s:05d}{i:04d}", image, sample["caption"], {"width": size}))
+      image, caption = _sample(s, i, per_shard, size)
+      samples.append((f"{s:05d}{i:04d}", image, caption, {"width": size}))
     wds.write_shard(os.path.join(directory, f"{s:05d}.tar"), samples)
   return os.path.join(directory, "{00000..%05d}.tar" % (num_shards - 1))
+
+
+def make_files(directory: str, num_shards: int, per_shard: int, size: int = 256):
+  """Writes img2dataset's `files` layout (DIR/00000/000000123.jpg + .txt + .json) of `size`px
+  JPEGs, and DIR/index.tsv listing them for the csv source (open_clip's filepath/title)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rows = ["filepath\ttitle"]
+  for s in range(num_shards):
+    os.makedirs(os.path.join(directory, f"{s:05d}"), exist_ok=True)
+    for i in range(per_shard):
+      image, caption = _sample(s, i, per_shard, size)
+      stem = f"{s:05d}/{s * per_shard + i:09d}"
+      Image.fromarray(image).save(os.path.join(directory, stem + ".jpg"), quality=90)
+      with open(os.path.join(directory, stem + ".txt"), "w") as f:
+        f.write(caption)
+      with open(os.path.join(directory, stem + ".json"), "w") as f:
+        json.dump({"caption": caption, "width": size, "height": size}, f)
+      rows.append(f"{stem}.jpg\t{caption}")
+  with open(os.path.join(directory, "index.tsv"), "w") as f:
+    f.write("\n".join(rows) + "\n")
+  return directory
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--make_shards", default="", help="write benchmark shards to DIR and exit")
+  parser.add_argument("--make_files", default="",
+                      help="write img2dataset's files layout and DIR/index.tsv to DIR and exit")
+  parser.add_argument("--jpeg_size", type=int, default=256, help="--make_*: image side in px")
+  parser.add_argument("--image_dtype", default="float32", choices=pipeline.IMAGE_DTYPES)
   parser.add_argument("--num_shards", type=int, default=4)
   parser.add_argument("--per_shard", type=int, default=512)
   parser.add_argument("--source", default="wds", choices=pipeline.SOURCES)
@@ -76,11 +111,16 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--num_workers", type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument("--shuffle_buffer", type=int, default=256)
+  parser.add_argument("--num_threads", type=int, default=16,
+                      help="read threads per process (record sources: csv, files, tfds)")
   parser.add_argument("--append_results", action="store_true",
                       help="append a row to benchmarks/RESULTS.md")
   args = parser.parse_args()
   if args.make_shards:
-    print(make_shards(args.make_shards, args.num_shards, args.per_shard))
+    print(make_shards(args.make_shards, args.num_shards, args.per_shard, args.jpeg_size))
+    return
+  if args.make_files:
+    print(make_files(args.make_files, args.num_shards, args.per_shard, args.jpeg_size))
     return
 
   config = get_config()
@@ -89,6 +129,8 @@ def main():
   config.data.name, config.data.data_dir = args.name, args.data_dir
   config.data.num_workers = args.num_workers
   config.data.shuffle_buffer = args.shuffle_buffer
+  config.data.image_dtype = args.image_dtype
+  config.data.num_threads = args.num_threads
   # As in training: global arrays on this host's devices, normalised there.
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -113,6 +155,7 @@ def main():
       "images_per_cpu_s": round(args.batches * args.batch_size / cpu, 1),
       "cpu_utilisation": round(cpu / elapsed, 2),
       "num_workers": args.num_workers, "cores": cores, "source": args.source,
+      "image_dtype": args.image_dtype, "num_threads": args.num_threads,
       "image_size": args.image_size, "batch_size": args.batch_size, "batches": args.batches,
       "image_shape": list(batch["images"].shape), "skipped_samples": it.skipped_samples,
   }

@@ -18,6 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.scan_layers = True
   c.remat_policy = "none"            # none | full | dots | dots_no_batch | save_attn_out
   c.attention_impl = "auto"          # auto (cudnn on a GPU in bf16/f16, else xla) | xla | cudnn
+  # FLIP patch dropout (ViTs): the fraction of image patches each training image drops, drawn
+  # from (seed, step); evaluation and inference keep every patch. 0.5 halves the image tower.
+  c.patch_dropout = 0.0
+  c.unmasked_tuning_steps = 0        # the last N steps run with patch_dropout 0 (FLIP's tuning)
 
   c.seed = 0
   c.batch_size = 256                 # global batch, over all hosts and devices
@@ -55,8 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.freeze = ""            # "" | image | text  (LiT: freeze the image tower)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"        # synthetic | tfds | wds
-  c.data.path = ""                   # wds shard pattern, e.g. shards/{00000..00127}.tar
+  c.data.source = "synthetic"        # synthetic | tfds | wds | csv | files
+  c.data.path = ""                   # wds shards/{00000..00127}.tar, csv file(s), files folder
   c.data.name = ""                   # tfds dataset name
   c.data.split = "train"
   c.data.data_dir = config_dict.placeholder(str)
@@ -65,10 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.resample_shards = False     # wds: endless stream, shards drawn with replacement
   c.data.min_scale = 0.9             # RandomResizedCrop scale range
   c.data.max_scale = 1.0
-  c.data.image_dtype = "float32"     # float32 | bfloat16
+  c.data.image_dtype = "float32"     # float32 | bfloat16 | uint8 (normalised inside the step)
   c.data.num_threads = 16            # decode threads per process (synthetic/tfds reads)
   c.data.cycle_length = 4            # wds: shards interleaved at once per worker
   c.data.prefetch_batches = 2        # num_workers=0: batches prepared ahead in a thread
+  c.data.csv_image_key = "filepath"  # csv: the image path column (open_clip's default)
+  c.data.csv_caption_key = "title"   # csv: the caption column
+  c.data.csv_separator = "\t"        # csv: the field separator (open_clip: tab)
 
   c.log_every = 50
   c.log_update_norm = False          # also log update_norm, the norm of each step's update

@@ -169,3 +169,76 @@ def test_global_arrays_are_sharded_over_the_mesh():
   local_it.close()
   np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
   np.testing.assert_array_equal(np.asarray(batch["images"]), local["images"])
+
+
+def test_uint8_images_normalised_on_the_devices_equal_the_float32_stream():
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  streams = {}
+  for dtype in ("uint8", "float32"):
+    it = pipeline.make_train_iterator(_config(image_dtype=dtype), sharding, image_size=16)
+    streams[dtype] = _take(it, 2)
+    it.close()
+  normalizer = pipeline.transforms.Normalizer(pipeline.OPENAI_MEAN, pipeline.OPENAI_STD)
+  scale, offset = jax.numpy.asarray(normalizer.scale), jax.numpy.asarray(normalizer.offset)
+  normalize = jax.jit(lambda x: x.astype(jax.numpy.float32) * scale + offset)
+  for raw, want in zip(streams["uint8"], streams["float32"]):
+    assert raw["images"].dtype == np.uint8 and raw["images"].sharding == sharding
+    np.testing.assert_allclose(np.asarray(normalize(raw["images"])), np.asarray(want["images"]),
+                               rtol=0, atol=1e-6)
+    # The float32 reference is OpenAI's order: (x / 255 - mean) / std of the same uint8 crops.
+    reference = (np.asarray(raw["images"]) / 255.0 - np.array(pipeline.OPENAI_MEAN)) / np.array(
+        pipeline.OPENAI_STD)
+    np.testing.assert_allclose(np.asarray(want["images"]), reference, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(raw["tokens"]), np.asarray(want["tokens"]))
+  assert pipeline.transforms.Normalizer([0.5] * 3, [0.5] * 3, "uint8")(
+      np.full((2, 2, 3), 7, np.uint8)).dtype == np.uint8
+
+
+def _jpeg(size):
+  """A smooth gradient with mild noise (resampling error stays small), as JPEG bytes."""
+  import io
+  from PIL import Image
+  x = np.linspace(0, 255, size)
+  image = np.stack(list(np.meshgrid(x, x[::-1])) + [np.full((size, size), 128.0)], -1)
+  image += np.random.default_rng(0).normal(0, 4, image.shape)
+  buf = io.BytesIO()
+  Image.fromarray(image.clip(0, 255).astype(np.uint8)[:, : size * 3 // 4]).save(
+      buf, format="JPEG", quality=92)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_jpeg_draft_decoding_keeps_the_crop_geometry(train):
+  from PIL import Image
+  from clip_jax.data import transforms
+  data = _jpeg(512)  # 384 x 512
+  for seed in range(4):
+    rng = lambda: np.random.default_rng(seed)  # noqa: E731
+    # The box is drawn in full-resolution coordinates whether or not the decode is reduced.
+    box = transforms.crop_box(384, 512, train=train, rng=rng(), scale=(0.3, 1.0))
+    pil, drafted_box = transforms._drafted(  # pylint: disable=protected-access
+        Image.open(__import__("io").BytesIO(data)), box, 32)
+    factor = 384 / pil.size[0]
+    assert factor == transforms.draft_scale(box, 32) > 1
+    np.testing.assert_allclose(np.array(drafted_box) * factor, box)
+    drafted = transforms.crop_and_resize(data, 32, train=train, rng=rng(), scale=(0.3, 1.0))
+    full = transforms.crop_and_resize(data, 32, train=train, rng=rng(), scale=(0.3, 1.0),
+                                      draft=False)
+    # The same region, resampled from fewer pixels: a small difference, no shift (a gradient
+    # image shows a shifted or rescaled box as a larger error).
+    assert np.abs(drafted.astype(int) - full).mean() < 0.8  # a 4px shift: ~1.4
+  # No reduction when the box is not at least twice the target size.
+  assert transforms.draft_scale((0, 0, 63, 200), 32) == 1
+  assert transforms.draft_scale((0, 0, 64, 200), 32) == 2
+  assert transforms.draft_scale((10, 10, 10 + 8 * 32, 10 + 9 * 32), 32) == 8
+
+
+def test_single_caption_rows_equal_the_batch_tokenizer():
+  from clip_jax.data import transforms
+  from clip_jax.tokenizer import tokenize
+  captions = ["a dog.", "Caf\u00e9 &amp; cr\u00e8me\n  br\u00fbl\u00e9e", "word " * 100, ""]
+  for caption in captions:
+    for length in (77, 8):
+      np.testing.assert_array_equal(transforms.tokenize_caption(caption, length),
+                                    tokenize([caption], context_length=length, truncate=True)[0])

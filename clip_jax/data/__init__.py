@@ -1,4 +1,4 @@
-"""Input pipeline: synthetic, TFDS and webdataset sources through grain, per-process sharded.
+"""Input pipeline: synthetic, TFDS, wds, CSV/TSV and files sources via grain, sharded per process.
 
     it = make_train_iterator(config, batch_sharding(mesh), image_size=224)
     batch = next(it)            # {"images": [B,H,W,3], "tokens": [B,77] int32} global arrays

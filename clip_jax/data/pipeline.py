@@ -5,7 +5,12 @@
     -> jax.make_array_from_process_local_data(sharding, local batch)  ->  normalise on device
 
 Images stay uint8 until they are on the devices: 4x less to move between processes and
-to the accelerators, and the mean/std normalisation costs the hosts nothing.
+to the accelerators, and the mean/std normalisation costs the hosts nothing. With
+config.data.image_dtype "uint8" they stay uint8 there too, for the jitted step to normalise.
+
+Sources: synthetic (a seed stream), wds (tar shards, streamed) and the random-access record
+sources (tfds, csv, files, imagefolder; see record_source), which share RecordSchedule and
+RecordLoader: per-process parts, a new order per epoch, exact resume on any process count.
 
 Every sample carries (epoch, index); its augmentation randomness is derived from
 (seed, epoch, index), so restoring the grain iterator state replays the stream exactly.
@@ -29,25 +34,32 @@ from clip_jax.data import transforms
 from clip_jax.data import wds
 from clip_jax.models.configs import OPENAI_MEAN, OPENAI_STD
 
-SOURCES = ("synthetic", "tfds", "wds")
+SOURCES = ("synthetic", "tfds", "wds", "csv", "files", "imagefolder")
+# Random-access sources: a record index space, sharded, shuffled and resumed by RecordSchedule.
+RECORD_SOURCES = ("tfds", "csv", "files", "imagefolder")
+IMAGE_DTYPES = ("float32", "bfloat16", "uint8")
 _SKIPPED = "__skipped__"
 _STATE_VERSION = 1
+_SKIPS_NAMED = 5  # bad samples named in the log per process; the rest are only counted
 
 
 def _data_option(config, name: str, default):
   return config.data.get(name, default) if hasattr(config.data, "get") else default
 
 
-def validate_data_config(config) -> None:
-  """Checks config.data before anything compiles; raises ValueError with one clear line."""
+def validate_data_config(config, cache_dir: Optional[str] = None) -> None:
+  """Checks config.data before anything compiles; raises ValueError with one clear line.
+
+  cache_dir: where the files source keeps its index (so the tree is listed once).
+  """
   data = config.data
   if data.source not in SOURCES:
     raise ValueError(f"config.data.source={data.source!r} is not one of {SOURCES}")
   if not 0.0 < data.min_scale <= data.max_scale <= 1.0:
     raise ValueError(f"config.data.min_scale={data.min_scale} / max_scale={data.max_scale}: "
                      f"need 0 < min_scale <= max_scale <= 1")
-  if data.image_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.data.image_dtype={data.image_dtype!r}: use float32 or bfloat16")
+  if data.image_dtype not in IMAGE_DTYPES:
+    raise ValueError(f"config.data.image_dtype={data.image_dtype!r}: use one of {IMAGE_DTYPES}")
   if data.num_workers < 0:
     raise ValueError(f"config.data.num_workers={data.num_workers} must be >= 0")
   if data.source == "wds":
@@ -55,12 +67,57 @@ def validate_data_config(config) -> None:
   elif data.source == "tfds":
     from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     tfds_source.validate(data.name, data.split, data.data_dir)
+  elif data.source == "csv":
+    from clip_jax.data import csv_source  # pylint: disable=g-import-not-at-top
+    csv_source.validate(data.path, *_csv_options(config))
+  elif data.source == "files":
+    from clip_jax.data import files_source  # pylint: disable=g-import-not-at-top
+    files_source.validate(data.path, cache_dir)
+  elif data.source == "imagefolder":
+    from clip_jax.data import imagefolder  # pylint: disable=g-import-not-at-top
+    imagefolder.validate(data.path)
+
+
+def _csv_options(config) -> tuple[str, str, str]:
+  return (str(_data_option(config, "csv_image_key", "filepath")),
+          str(_data_option(config, "csv_caption_key", "title")),
+          str(_data_option(config, "csv_separator", "\t")))
+
+
+def record_source(config, cache_dir: Optional[str] = None):
+  """The random-access source of config.data (one of RECORD_SOURCES): `len`, `.name` and
+  `.record(index, rng)` -> {"image": bytes | uint8 HWC | path, "caption", "captions",
+  "label", "key"}."""
+  data = config.data
+  if data.source == "tfds":
+    from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.TfdsSource(data.name, data.split, data.data_dir)
+  if data.source == "csv":
+    from clip_jax.data import csv_source  # pylint: disable=g-import-not-at-top
+    return csv_source.CsvSource(data.path, *_csv_options(config))
+  if data.source == "files":
+    from clip_jax.data import files_source  # pylint: disable=g-import-not-at-top
+    return files_source.FilesSource(data.path, cache_dir)
+  if data.source == "imagefolder":
+    from clip_jax.data import imagefolder  # pylint: disable=g-import-not-at-top
+    classnames = _data_option(config, "classnames", None) or None
+    return imagefolder.ImageFolderSource(data.path, classnames=classnames)
+  raise ValueError(f"config.data.source={data.source!r} is not one of {RECORD_SOURCES}")
 
 
 # ----------------------------------------------------------------------------- samples
 
+_skips_logged = 0
+
+
 def _skip(key: str, shard: Optional[str], reason: str) -> dict:
-  logging.warning("Skipping sample %s%s: %s", key, f" of shard {shard}" if shard else "", reason)
+  """A skip marker; the first few bad samples of each process are named in the log."""
+  global _skips_logged
+  if _skips_logged < _SKIPS_NAMED:
+    _skips_logged += 1
+    logging.warning("Skipping sample %s%s: %s%s", key, f" of shard {shard}" if shard else "",
+                    reason, " (further skips are only counted, in data/skipped_samples)"
+                    if _skips_logged == _SKIPS_NAMED else "")
   return {_SKIPPED: True}
 
 
@@ -107,26 +164,49 @@ def finish_sample(raw: dict, *, image_size: int, train: bool, scale: Sequence[fl
 class RecordSchedule:
   """Position -> (epoch, record index) for random-access sources, for one process.
 
-  Process p owns records [p*N//P, (p+1)*N//P) and visits them in a new order each epoch
-  (grain's index_shuffle seeded by seed + epoch). Endless unless num_epochs is given.
+  Each epoch visits the N records in a new order (grain's index_shuffle seeded by
+  seed + epoch; no shuffle: in order), as one global stream of positions.
+
+  Training (local_batch given, endless): global batch b is stream positions [b*B, (b+1)*B)
+  (B = local_batch * process_count) and process p reads its slice [b*B + p*L, b*B + (p+1)*L),
+  so every process count reads the same global batches, rows in the same order: a run
+  resumes exactly onto another number of processes (first_position = step * local_batch).
+  The processes' records are disjoint within every global batch and epoch.
+
+  Evaluation (local_batch None): process p owns records [p*N//P, (p+1)*N//P), num_epochs
+  passes over them (endless if None).
   """
 
   def __init__(self, num_records: int, *, seed: int, process_index: int, process_count: int,
-               shuffle: bool, num_epochs: Optional[int] = None, first_position: int = 0):
-    self._start = process_index * num_records // process_count
-    self._count = (process_index + 1) * num_records // process_count - self._start
+               shuffle: bool, num_epochs: Optional[int] = None, first_position: int = 0,
+               local_batch: Optional[int] = None):
+    self._local_batch = local_batch
+    self._process_index, self._process_count = process_index, process_count
+    if local_batch is None:
+      self._start = process_index * num_records // process_count
+      self._count = (process_index + 1) * num_records // process_count - self._start
+    else:
+      self._start, self._count = 0, num_records
     if self._count == 0:
       raise ValueError(f"the dataset has {num_records} records, fewer than the "
                        f"{process_count} processes reading it")
     self._seed, self._shuffle = seed, shuffle
     self._first = int(first_position)
-    self._len = sys.maxsize if num_epochs is None else num_epochs * self._count - self._first
+    self._len = sys.maxsize
+    if num_epochs is not None:
+      if local_batch is not None:
+        raise ValueError("RecordSchedule: num_epochs is for the per-process (evaluation) order")
+      self._len = num_epochs * self._count - self._first
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, position: int) -> tuple[int, int]:
-    epoch, i = divmod(int(position) + self._first, self._count)
+    position = int(position) + self._first
+    if self._local_batch is not None:  # this process's slice of each global batch
+      step, row = divmod(position, self._local_batch)
+      position = (step * self._process_count + self._process_index) * self._local_batch + row
+    epoch, i = divmod(position, self._count)
     if self._shuffle and self._count > 1:
       i = grain.experimental.index_shuffle(
           i, max_index=self._count - 1, seed=(self._seed + epoch) % 2**32, rounds=4)
@@ -171,8 +251,12 @@ class SyntheticLoader:
     return self._finish(raw)
 
 
-class TfdsLoader:
-  """(epoch, record) -> finished sample; TFDS read/decode errors become skips."""
+class RecordLoader:
+  """(epoch, record) -> finished sample of a random-access source (see record_source).
+
+  A record's image may be a path: it is read here, in the worker, so that a missing or
+  unreadable file (like any error of `.record`) becomes a counted skip.
+  """
 
   def __init__(self, finish, source, *, seed: int):
     self._finish, self._source, self._seed = finish, source, seed
@@ -181,12 +265,20 @@ class TfdsLoader:
     epoch, index = element
     # Caption choice (for multi-caption or label datasets) has its own stream per sample.
     rng = transforms.sample_rng(self._seed + 1, epoch, index)
+    key = f"{self._source.name}/{index}"
     try:
       raw = self._source.record(index, rng)
+      key = raw.get("key", key)
+      if isinstance(raw["image"], str):
+        from clip_jax.data import csv_source  # pylint: disable=g-import-not-at-top
+        raw["image"] = csv_source.read_bytes(raw["image"])
     except Exception as e:  # pylint: disable=broad-except
-      return _skip(f"{self._source.name}/{index}", None, f"unreadable record: {e}")
+      return _skip(key, None, f"unreadable record: {type(e).__name__}: {e}")
     raw.update(epoch=epoch, index=index)
     return self._finish(raw)
+
+
+TfdsLoader = RecordLoader  # the name before csv/files/imagefolder shared it
 
 
 # ----------------------------------------------------------------------------- skip counting
@@ -228,7 +320,8 @@ class CountSkipsIterDataset(grain.IterDataset):
 def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
                   process_index: int = 0, process_count: int = 1,
                   num_examples: Optional[int] = None,
-                  all_captions: bool = False, first_position: int = 0) -> grain.IterDataset:
+                  all_captions: bool = False, first_position: int = 0,
+                  cache_dir: Optional[str] = None) -> grain.IterDataset:
   """The grain IterDataset of local batches {"images", "tokens", "num_skipped"[, "labels"]}.
 
   "images" are uint8 [b, H, W, 3] (normalised later, by DataIterator / make_eval_iterator).
@@ -237,8 +330,9 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
   for the unlimited synthetic source), in order, center crop, last batch kept, labels added.
   all_captions (evaluation only): "captions" [b] object (tuples of str) instead of "tokens";
   the synthetic source gives config.data.captions_per_image (default 5) per image.
-  first_position (training on synthetic / TFDS): this process's stream starts that many
-  samples in (see make_train_iterator's start_step).
+  first_position (training on synthetic / record sources): this process's stream starts
+  that many samples in (see make_train_iterator's start_step).
+  cache_dir: where the files source caches its index.
   """
   data = config.data
   seed = int(config.seed)
@@ -249,7 +343,7 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
       scale=(float(data.min_scale), float(data.max_scale)), seed=seed, with_labels=not train,
       all_captions=all_captions)
   num_threads = int(_data_option(config, "num_threads", 8))
-  if data.source in ("synthetic", "tfds"):
+  if data.source == "synthetic" or data.source in RECORD_SOURCES:
     if data.source == "synthetic":
       if not train and num_examples is None:
         raise ValueError("make_eval_iterator on the synthetic source needs num_examples")
@@ -259,14 +353,14 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
       loader = SyntheticLoader(finish, seed=seed, image_size=image_size, held_out=not train,
                                num_captions=num_captions)
     else:
-      from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-      source = tfds_source.TfdsSource(data.name, data.split, data.data_dir)
+      source = record_source(config, cache_dir)
       schedule = RecordSchedule(len(source), seed=seed, process_index=process_index,
                                 process_count=process_count, shuffle=train,
-                                num_epochs=None if train else 1, first_position=first_position)
-      loader = TfdsLoader(finish, source, seed=seed)
+                                num_epochs=None if train else 1, first_position=first_position,
+                                local_batch=local_batch if train else None)
+      loader = RecordLoader(finish, source, seed=seed)
     dataset = grain.MapDataset.source(schedule).map(loader)
-    if not train and num_examples is not None and data.source == "tfds":
+    if not train and num_examples is not None and data.source != "synthetic":
       dataset = dataset[:len(range(process_index, num_examples, process_count))]
     dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=max(2 * local_batch, 16)))
@@ -315,7 +409,11 @@ def _jsonable(tree: Any) -> Any:
 
 
 class DataIterator:
-  """Endless iterator of global batches; its state goes into the checkpoint."""
+  """Endless iterator of global batches; its state goes into the checkpoint.
+
+  With image_dtype "uint8" the images stay uint8 (the jitted train step normalises them);
+  float32/bfloat16 are normalised here, on the devices (on the host without a sharding).
+  """
 
   def __init__(self, dataset: grain.IterDataset, sharding: Optional[jax.sharding.Sharding],
                normalizer: transforms.Normalizer):
@@ -323,7 +421,9 @@ class DataIterator:
     self._sharding = sharding
     self._normalizer = normalizer
     self._skipped = 0
-    if sharding is not None:
+    if sharding is not None and normalizer.dtype == "uint8":
+      self._normalize = lambda x: x
+    elif sharding is not None:
       dtype = jnp.dtype(normalizer.dtype)
       scale, offset = jnp.asarray(normalizer.scale), jnp.asarray(normalizer.offset)
       self._normalize = jax.jit(
@@ -378,7 +478,7 @@ def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, im
                         mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None,
-                        start_step: int = 0) -> DataIterator:
+                        start_step: int = 0, cache_dir: Optional[str] = None) -> DataIterator:
   """The training stream of this process, assembled into global arrays on `sharding`.
 
   Each process reads its own part; its local batch is config.batch_size / process_count.
@@ -388,10 +488,13 @@ def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, im
   of processes read them: how a run resumes from a checkpoint written by another number of
   processes (whose per-process iterator states do not apply). Synthetic: the very samples
   an uninterrupted run would read next (each global batch the same set, rows in another
-  order; skipped samples would shift it, and synthetic has none). TFDS: each process starts
-  as far into its part of the epoch as that many batches reach. Not for wds (shard streams).
+  order; skipped samples would shift it, and synthetic has none). Record sources (TFDS, csv,
+  files, imagefolder): the very global batches, rows in the same order, while no sample was
+  skipped (a skip moves its process's later samples one on). Not for wds (shard streams).
+
+  cache_dir: where the files source caches its index of the tree (train.py: the workdir).
   """
-  validate_data_config(config)
+  validate_data_config(config, cache_dir)
   process_index, process_count = _process_args(process_index, process_count)
   if config.batch_size % process_count:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
@@ -399,7 +502,7 @@ def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, im
   local_batch = config.batch_size // process_count
   dataset = build_dataset(config, image_size=image_size, local_batch=local_batch, train=True,
                           process_index=process_index, process_count=process_count,
-                          first_position=int(start_step) * local_batch)
+                          first_position=int(start_step) * local_batch, cache_dir=cache_dir)
   return DataIterator(dataset, sharding,
                       transforms.Normalizer(mean, std, config.data.image_dtype))
 
@@ -408,25 +511,29 @@ def make_eval_iterator(config, *, image_size: int, batch_size: int,
                        mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
                        num_examples: Optional[int] = None, process_index: Optional[int] = None,
                        process_count: Optional[int] = None,
-                       all_captions: bool = False) -> Iterator[dict]:
+                       all_captions: bool = False,
+                       cache_dir: Optional[str] = None) -> Iterator[dict]:
   """One pass over config.data (this process's part), center-cropped, as numpy batches.
 
   Yields {"images" [b,H,W,3], "tokens" [b,77] int32, "labels" [b] int32 (-1 without labels),
   "mask" [b] bool}; every batch has batch_size rows, the last one padded (mask False).
   The synthetic source is read from its held-out seed stream (num_examples of them);
-  for TFDS, num_examples (if given) limits the pass.
+  for record sources (TFDS, csv, files, imagefolder), num_examples (if given) limits the pass.
+  With config.data.image_dtype "uint8" the images are not normalised.
 
   all_captions=True (retrieval on sets with several captions per image): "captions" [b]
   object, each row the tuple of all the image's captions (padding rows: empty tuples),
   replaces "tokens". Sources: every caption of a TFDS text feature (coco_captions'
   captions/text), the lines of a wds `key.txt` and/or a "captions" list in `key.json`,
-  and config.data.captions_per_image (default 5) distinct captions per synthetic image.
+  and config.data.captions_per_image (default 5) distinct captions per synthetic image;
+  csv rows have one caption, files records the non-empty lines of their .txt.
   """
-  validate_data_config(config)
+  validate_data_config(config, cache_dir)
   process_index, process_count = _process_args(process_index, process_count)
   dataset = build_dataset(config, image_size=image_size, local_batch=batch_size, train=False,
                           process_index=process_index, process_count=process_count,
-                          num_examples=num_examples, all_captions=all_captions)
+                          num_examples=num_examples, all_captions=all_captions,
+                          cache_dir=cache_dir)
   normalizer = transforms.Normalizer(mean, std, config.data.image_dtype)
   for batch in dataset:
     batch.pop("num_skipped")

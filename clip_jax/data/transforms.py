@@ -72,40 +72,80 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
   return x0, y0, x0 + side, y0 + side
 
 
+def draft_scale(box: Sequence[float], size: int) -> int:
+  """The largest JPEG decode reduction (8, 4, 2, else 1) that keeps `box` >= size on both sides."""
+  box_w, box_h = box[2] - box[0], box[3] - box[1]
+  for scale in (8, 4, 2):
+    if box_w >= size * scale and box_h >= size * scale:
+      return scale
+  return 1
+
+
+def _drafted(pil: Image.Image, box: Sequence[int], size: int) -> tuple[Image.Image, tuple]:
+  """JPEGs: decode at a reduced scale where `box` stays >= size; the box in its coordinates.
+
+  libjpeg's 1/s scaled decode maps original pixels [s*i, s*i + s) to pixel i, so the same
+  region is box / s: only the resampling differs, not which pixels the crop covers.
+  """
+  scale = draft_scale(box, size) if pil.format == "JPEG" else 1
+  if scale == 1:
+    return pil, tuple(box)
+  width, height = pil.size
+  # PIL picks the largest scale whose output is >= the requested size: exactly `scale`.
+  pil.draft("RGB", (width // scale, height // scale))
+  actual = next((s for s in (8, 4, 2, 1) if pil.size == (-(-width // s), -(-height // s))), None)
+  if actual is None:  # unexpected: fall back to the box scaled by the size ratio
+    return pil, (box[0] * pil.size[0] / width, box[1] * pil.size[1] / height,
+                 box[2] * pil.size[0] / width, box[3] * pil.size[1] / height)
+  return pil, tuple(v / actual for v in box)
+
+
+def crop_box(width: int, height: int, *, train: bool, rng: Optional[np.random.Generator] = None,
+             scale: Sequence[float] = (0.9, 1.0)) -> tuple[int, int, int, int]:
+  """The crop of crop_and_resize, in the image's full-resolution coordinates."""
+  if train:
+    return random_resized_crop_box(width, height, rng, scale)
+  return center_crop_box(width, height)
+
+
 def crop_and_resize(image, size: int, *, train: bool, rng: Optional[np.random.Generator] = None,
-                    scale: Sequence[float] = (0.9, 1.0)) -> np.ndarray:
+                    scale: Sequence[float] = (0.9, 1.0), draft: bool = True) -> np.ndarray:
   """Decodes `image`, crops (random for training, central for evaluation), resizes bicubically.
 
-  Returns uint8 [size, size, 3].
+  Returns uint8 [size, size, 3]. The crop box is drawn in full-resolution coordinates; with
+  `draft`, a JPEG much larger than the crop is decoded at 1/2, 1/4 or 1/8 scale when the
+  box stays >= size there (the same region, resampled from fewer pixels).
   """
   pil = to_pil(image)
-  if pil.format == "JPEG":
-    # Let libjpeg decode big images at a reduced scale (still >= size on both sides).
-    pil.draft("RGB", (size, size))
+  width, height = pil.size  # the full size, before any draft
+  box = crop_box(width, height, train=train, rng=rng, scale=scale)
+  if draft:
+    pil, box = _drafted(pil, box, size)
   if pil.mode != "RGB":
     pil = pil.convert("RGB")
-  width, height = pil.size
-  if train:
-    box = random_resized_crop_box(width, height, rng, scale)
-  else:
-    box = center_crop_box(width, height)
   out = pil.resize((size, size), Image.BICUBIC, box=box)
   return np.asarray(out, dtype=np.uint8)
 
 
 class Normalizer:
-  """uint8 HWC -> (x / 255 - mean) / std as one multiply-add, in float32 or bfloat16."""
+  """uint8 HWC -> (x / 255 - mean) / std as one multiply-add, in float32 or bfloat16.
+
+  dtype "uint8": the identity (the images are normalised later, in the jitted step).
+  """
 
   def __init__(self, mean: Sequence[float], std: Sequence[float], dtype: str = "float32"):
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     self.scale = (1.0 / (255.0 * std)).astype(np.float32)
     self.offset = (-mean / std).astype(np.float32)
-    if dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"config.data.image_dtype={dtype!r} is not supported; use float32 or bfloat16")
+    if dtype not in ("float32", "bfloat16", "uint8"):
+      raise ValueError(f"config.data.image_dtype={dtype!r} is not supported; use float32, "
+                       f"bfloat16 or uint8")
     self.dtype = dtype
 
   def __call__(self, image_uint8: np.ndarray) -> np.ndarray:
+    if self.dtype == "uint8":
+      return image_uint8
     out = image_uint8.astype(np.float32) * self.scale + self.offset
     if self.dtype == "bfloat16":
       import ml_dtypes  # pylint: disable=g-import-not-at-top
@@ -114,7 +154,15 @@ class Normalizer:
 
 
 def tokenize_caption(caption: str, context_length: int = 77) -> np.ndarray:
-  """One caption -> int32 [context_length] with CLIP's BPE (truncated, EOT kept)."""
-  from clip_jax.tokenizer import tokenize  # pylint: disable=g-import-not-at-top
-  return np.asarray(tokenize([caption], context_length=context_length, truncate=True)[0],
-                    dtype=np.int32)
+  """One caption -> int32 [context_length] with CLIP's BPE (truncated, EOT kept).
+
+  The row is built directly from the tokenizer's ids: `tokenize`'s batch path costs ~4x
+  more for a single caption (same ids; tests/test_data_pipeline.py checks them).
+  """
+  from clip_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  ids = tokenizer.default_tokenizer().encode(caption)[:context_length - 2]
+  row = np.zeros(context_length, np.int32)
+  row[0] = tokenizer.SOT
+  row[1:len(ids) + 1] = ids
+  row[len(ids) + 1] = tokenizer.EOT
+  return row
