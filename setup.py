@@ -24,6 +24,7 @@ setup(
         "tensorboardX",
         "tqdm",
         "fsspec",
+        "matplotlib",  # the evaluation suite's summary.png
     ],
     extras_require={
         # PyTorch is only for converting weights and for parity tests, never for training.

@@ -221,9 +221,10 @@ def test_linear_probe_on_noise_labels_stays_near_chance():
 
 # ---- registry
 
-def test_registry_has_imagenet_and_the_26_datasets():
+def test_registry_has_imagenet_its_200_class_variants_and_the_26_datasets():
   known = registry.known_datasets()
-  assert len(known) == 28 and "synthetic" in known and "imagenet" in known
+  assert len(known) == 30 and "synthetic" in known and "imagenet" in known
+  assert {"imageneta", "imagenetr"} <= set(known)
   imagenet = registry.get_prompts("imagenet2012")
   assert len(imagenet.classnames) == 1000 and len(imagenet.templates) == 80
   fer = registry.get_prompts("fer2013")

@@ -76,6 +76,29 @@ def test_retrieval_on_wds_captions_lines_and_json_lists(checkpoint, tmp_path, ca
   assert results["metrics"]["image_retrieval_recall@5"] == 1.0
 
 
+@pytest.mark.parametrize("kind", ["csv", "files"])
+def test_retrieval_on_csv_and_files(checkpoint, tmp_path, capsys, kind):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  rows = ["filepath\ttitle"]
+  for i in range(6):
+    Image.fromarray(rng.integers(0, 255, (24, 20, 3), np.uint8)).save(tmp_path / f"{i:09d}.jpg")
+    (tmp_path / f"{i:09d}.txt").write_text(f"picture number {i}")
+    rows.append(f"{i:09d}.jpg\tpicture number {i}")
+  (tmp_path / "val.tsv").write_text("\n".join(rows) + "\n")
+  dataset = f"csv:{tmp_path}/val.tsv" if kind == "csv" else f"files:{tmp_path}"
+  code, out, err = _run(["--checkpoint", checkpoint, "--task", "retrieval", "--dataset", dataset,
+                         "--batch_size", "4"], capsys)
+  assert code == 0, err
+  results = json.loads(out)
+  assert results["num_examples"] == 6 and results["num_texts"] == 6
+  assert set(results["metrics"]) == RECALL_KEYS
+  assert results["metrics"]["text_retrieval_recall@10"] == 1.0
+  code, _, err = _run(["--checkpoint", checkpoint, "--task", "zeroshot", "--dataset", dataset],
+                      capsys)
+  assert code == 2 and "--task zeroshot needs class labels" in err
+
+
 @pytest.mark.slow
 def test_linear_probe_synthetic(checkpoint, capsys):
   code, out, err = _run(["--checkpoint", checkpoint, "--task", "linear_probe", "--dataset",

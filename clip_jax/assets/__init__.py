@@ -14,6 +14,10 @@ Files (see `asset_path`):
                                 dataset lists every class as a list, as the source does. Regenerate:
                                 `python -m clip_jax.assets.make_zeroshot_prompts prompts.md`.
   LICENSE_openai_clip           The MIT notice covering the three files above (Copyright (c) 2021 OpenAI).
+  imagenet_wnids.json           {"source": str, "imagenet": [1000 WordNet ids, sorted: the class order of
+                                imagenet_zeroshot.json], "imagenet_a": [200], "imagenet_r": [200]}: the
+                                class subsets of ImageNet-A (hendrycks/natural-adv-examples) and
+                                ImageNet-R (hendrycks/imagenet-r), both MIT (c) Dan Hendrycks.
 """
 import pathlib
 
@@ -23,6 +27,7 @@ ASSET_NAMES = (
     "imagenet_zeroshot.json",
     "zeroshot_prompts.json",
     "LICENSE_openai_clip",
+    "imagenet_wnids.json",
 )
 
 

@@ -5,6 +5,8 @@ prompts.md come from the package assets (MIT, see clip_jax/assets/LICENSE_openai
 the synthetic set's come from `clip_jax.data.synthetic`. Keys are the dataset names of
 prompts.md lower-cased without punctuation ("oxfordpets", "facialemotionrecognition2013");
 TFDS names ("imagenet2012", "oxford_iiit_pet", "eurosat/rgb", ...) resolve to them.
+ImageNet-A and ImageNet-R ("imageneta", "imagenetr") are the 200-class subsets of ImageNet's
+names (WordNet ids in clip_jax/assets/imagenet_wnids.json) with its 80 templates.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ ClassName = Union[str, Sequence[str]]
 
 IMAGENET_ASSET = "imagenet_zeroshot.json"
 PROMPTS_ASSET = "zeroshot_prompts.json"
+WNIDS_ASSET = "imagenet_wnids.json"
+# ImageNet variants over a subset of the 1000 classes: registry key -> key in WNIDS_ASSET.
+IMAGENET_SUBSETS = {"imageneta": "imagenet_a", "imagenetr": "imagenet_r"}
 
 # TFDS (and common) names -> registry keys, where the label set is the prompt set.
 ALIASES = {
@@ -72,7 +77,33 @@ def _asset_prompts() -> dict[str, Prompts]:
   with open(asset_path(IMAGENET_ASSET)) as f:
     entry = json.load(f)
   registry["imagenet"] = Prompts(_freeze_classes(entry["classes"]), tuple(entry["templates"]))
+  for key in IMAGENET_SUBSETS:
+    columns = imagenet_subset_columns(key)
+    registry[key] = Prompts(tuple(registry["imagenet"].classnames[i] for i in columns),
+                            registry["imagenet"].templates)
   return registry
+
+
+@functools.lru_cache(maxsize=None)
+def _wnids() -> dict:
+  from clip_jax.assets import asset_path
+  with open(asset_path(WNIDS_ASSET)) as f:
+    return json.load(f)
+
+
+def imagenet_wnids() -> tuple[str, ...]:
+  """The 1000 ImageNet WordNet ids, sorted: the class order of the "imagenet" prompts."""
+  return tuple(_wnids()["imagenet"])
+
+
+def imagenet_subset_columns(name: str) -> tuple[int, ...]:
+  """Indices into the 1000 ImageNet classes of a variant's classes ("imagenet_a", "imagenet_r")."""
+  key = _key(name)
+  if key not in IMAGENET_SUBSETS:
+    raise ValueError(f"{name!r} is not an ImageNet class subset; known: "
+                     f"{', '.join(IMAGENET_SUBSETS.values())}")
+  index = {w: i for i, w in enumerate(imagenet_wnids())}
+  return tuple(index[w] for w in _wnids()[IMAGENET_SUBSETS[key]])
 
 
 def known_datasets() -> list[str]:
