@@ -11,7 +11,10 @@ float32 matmul measured in the same run; on GPU/TPU it is the chip's published b
 AdamW with the same hyper-parameters, the same symmetric contrastive loss, float32) and
 times it alternately with ours, `--block` steps at a time, so both see the same machine
 load; the line then carries peer_samples_per_s and ratio (clip_jax / peer). Both sides are
-pinned to the same `--threads` cores. `--malloc_retain` restarts the script with glibc
+pinned to the same `--threads` cores. `--patch_dropout 0.5` (FLIP) drops that fraction of
+each image's patches in our step (config.patch_dropout) and in the peer's (a hook on its
+patch embeddings keeping a random subset per image); flops_per_step then counts the kept
+tokens. `--malloc_retain` restarts the script with glibc
 settings that stop per-step page faults of XLA's fresh CPU buffers (see MALLOC_RETAIN_ENV).
 """
 from __future__ import annotations
@@ -62,6 +65,8 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
   p.add_argument("--threads", type=int, default=0,
                  help="CPU cores both sides are pinned to (0: all of this process's cores)")
   p.add_argument("--peer", default="", choices=("", "torch"))
+  p.add_argument("--patch_dropout", type=float, default=0.0,
+                 help="FLIP: fraction of image patches dropped per image (ViTs), both sides")
   p.add_argument("--malloc_retain", action="store_true",
                  help="re-run under MALLOC_RETAIN_ENV (both sides: they share the process)")
   return p
@@ -116,6 +121,7 @@ def run_config(args):
   c.dtype, c.loss_impl, c.attention_impl = args.dtype, args.loss_impl, args.attention_impl
   c.remat_policy, c.scan_layers = args.remat_policy, args.scan_layers
   c.optimizer.warmup_steps = 10
+  c.patch_dropout = args.patch_dropout
   return c
 
 
@@ -209,8 +215,11 @@ def accelerator_peak_tflops():
 # ---------------------------------------------------------------------------------------
 
 
-def build_peer(model_config, batch_size: int, images, tokens, threads: int):
-  """One train step of transformers' CLIPModel with the same shapes, loss and AdamW."""
+def build_peer(model_config, batch_size: int, images, tokens, threads: int,
+               patch_dropout: float = 0.0):
+  """One train step of transformers' CLIPModel with the same shapes, loss and AdamW; with
+  patch_dropout, each image keeps a random subset of its patch tokens (and the class token)
+  after the patch and position embeddings, as open_clip's PatchDropout does."""
   import torch
   import torch.nn.functional as F
   from transformers import CLIPConfig as HFConfig
@@ -231,6 +240,17 @@ def build_peer(model_config, batch_size: int, images, tokens, threads: int):
                          hidden_act=model_config.act, layer_norm_eps=model_config.ln_eps),
       projection_dim=model_config.embed_dim)
   model = CLIPModel(hf).train()
+  if patch_dropout:
+    from clip_jax.models.vit import kept_patches
+    keep = kept_patches(v.grid_size ** 2, patch_dropout)
+
+    def drop_patches(_, __, tokens):  # [B, 1 + patches, D] -> [B, 1 + keep, D]
+      b, n = tokens.shape[0], tokens.shape[1] - 1
+      kept = torch.rand(b, n).argsort(dim=1)[:, :keep].sort(dim=1).values + 1
+      rows = torch.cat([torch.zeros(b, 1, dtype=kept.dtype), kept], dim=1)
+      return tokens.gather(1, rows[:, :, None].expand(-1, -1, tokens.shape[2]))
+
+    model.vision_model.embeddings.register_forward_hook(drop_patches)
   decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
   no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2},
@@ -295,7 +315,8 @@ def run(args, threads: int):
     peak_sample, peak_flops = measure_peak_sample()
   peer_step = None
   if args.peer == "torch":
-    peer_step = build_peer(model_config, args.batch, images, tokens, threads)
+    peer_step = build_peer(model_config, args.batch, images, tokens, threads,
+                           args.patch_dropout)
 
   for _ in range(args.warmup):
     step()
@@ -313,7 +334,7 @@ def run(args, threads: int):
       peer.append(timed(peer_step, args.block))
 
   step_time = statistics.median(ours)
-  flops = train_flops_per_step(model_config, args.batch)
+  flops = train_flops_per_step(model_config, args.batch, args.patch_dropout)
   achieved = flops / step_time / 1e12
   if on_cpu:
     peak_tflops, device = peak_flops / statistics.median(peak) / 1e12, "cpu"
@@ -325,7 +346,8 @@ def run(args, threads: int):
       "loss_impl": args.loss_impl, "attention_impl": args.attention_impl,
       "attention_kernel": resolve_attention_impl(args.attention_impl, args.dtype),
       "remat_policy": args.remat_policy, "xla_options": compiler_options(args.xla_option),
-      "scan_layers": args.scan_layers, "threads": threads, "device": device,
+      "scan_layers": args.scan_layers, "patch_dropout": args.patch_dropout,
+      "threads": threads, "device": device,
       "samples_per_s": round(args.batch / step_time, 3),
       "step_time_s": round(step_time, 4),
       "compile_s": round(compile_s, 2),

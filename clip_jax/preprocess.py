@@ -54,6 +54,16 @@ def normalize(images: np.ndarray, mean: Sequence[float] = OPENAI_MEAN,
   return (images - mean) / std
 
 
+def uint8_affine(mean: Sequence[float] = OPENAI_MEAN,
+                 std: Sequence[float] = OPENAI_STD) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, offset), float32 per channel: uint8 pixels x -> x * scale + offset is
+  (x / 255 - mean) / std as one multiply-add; what the input pipeline and the train step
+  (uint8 batches, normalised on the device) both compute, so the two agree bit for bit."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
 def _split_inputs(images) -> list:
   """A list of single images from one image, a list of them, or an NHWC uint8 batch."""
   if isinstance(images, (Image.Image, str, os.PathLike)):

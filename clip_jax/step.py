@@ -19,6 +19,16 @@ averages once per micro-batch, in order; the backward pass recomputes micro-batc
 same statistics (they depend only on its rows), so the gradient is exact for that
 definition. A frozen image tower (LiT) runs in evaluation mode: running statistics used and
 left as they are.
+
+Patch dropout (FLIP, `config.patch_dropout` > 0, ViTs): each step draws, per image of the
+global batch, the patches it keeps from a key that is a pure function of (config.seed, the
+step number), so a resumed run drops exactly the patches the uninterrupted one did, and
+GradCache's micro-batches take their rows' subsets of the same draw (accumulated equals
+unaccumulated). `config.unmasked_tuning_steps` = N runs the last N steps unmasked (FLIP's
+tuning phase): a second compiled step, chosen by the step number (`patch_dropout_at`).
+
+uint8 batches (`config.data.image_dtype="uint8"`) are normalised inside the step with
+OpenAI's mean/std, the same multiply-add the input pipeline would have done on the host.
 """
 from __future__ import annotations
 
@@ -39,12 +49,15 @@ from clip_jax.losses import contrastive_loss
 from clip_jax.models.clip import abstract_variables, count_params, create_model, l2_normalize
 from clip_jax.models.configs import CLIPConfig, get_model_config
 from clip_jax.models.flops import train_flops_per_step
+from clip_jax.models.vit import kept_patches, patch_keep_indices
 from clip_jax.optim import make_optimizer, make_schedule
+from clip_jax.preprocess import uint8_affine
 
 LOGIT_SCALE_MAX = math.log(100.0)
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
 SIGLIP_LOGIT_BIAS_INIT = -10.0
 TOWER_PARAMS = {"image": "visual", "text": "text"}
+PATCH_DROPOUT_STREAM = 0x9A7C4  # folded into the seed: the patch-dropout key stream
 
 
 @flax.struct.dataclass
@@ -75,6 +88,41 @@ def mesh_context(config, mesh: Mesh):
   """The mesh and logical axis rules the model's sharding constraints resolve against."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(shd.logical_axis_rules(config)):
     yield
+
+
+def validate_patch_dropout(config, model_config: Optional[CLIPConfig] = None) -> None:
+  """One-line ValueError for a patch dropout the run cannot use."""
+  rate = float(config.get("patch_dropout", 0.0))
+  tuning = int(config.get("unmasked_tuning_steps", 0))
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"config.patch_dropout={rate} must be in [0, 1) (the fraction of image "
+                     "patches dropped per image in training)")
+  if tuning < 0:
+    raise ValueError(f"config.unmasked_tuning_steps={tuning} must be >= 0")
+  if rate and (model_config or model_config_from(config)).is_resnet:
+    raise ValueError(f"config.patch_dropout={rate} applies to ViT image towers; "
+                     f"config.model={config.model!r} is a ResNet")
+
+
+def patch_dropout_at(config, step: int, total_steps: Optional[int] = None) -> float:
+  """The patch dropout of the step that starts from state.step == `step`: config.patch_dropout,
+  except in the last config.unmasked_tuning_steps steps of `total_steps` (0 there)."""
+  rate = float(config.get("patch_dropout", 0.0))
+  tuning = int(config.get("unmasked_tuning_steps", 0))
+  total = int(config.total_steps if total_steps is None else total_steps)
+  return 0.0 if tuning and step >= total - tuning else rate
+
+
+def patch_dropout_key(seed: int, step):
+  """The key of a step's patch choice: a pure function of (seed, step)."""
+  key = jax.random.fold_in(jax.random.key(int(seed)), PATCH_DROPOUT_STREAM)
+  return jax.random.fold_in(key, step)
+
+
+def normalize_uint8(images):
+  """uint8 [.., 3] pixels -> float32 normalised with OpenAI's mean/std (as the pipeline)."""
+  scale, offset = uint8_affine()
+  return images.astype(jnp.float32) * jnp.asarray(scale) + jnp.asarray(offset)
 
 
 def _unbox(tree):
@@ -172,8 +220,10 @@ def _constrain(x, mesh: Mesh, spec: P):
 
 
 def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
-  """(params, images, tokens, batch_stats) -> (loss, metrics, grads, new batch_stats) over the
-  global batch (not jitted). batch_stats: the BatchNorm running averages ({} for the ViTs)."""
+  """(params, images, tokens, batch_stats, keep_indices=None) -> (loss, metrics, grads, new
+  batch_stats) over the global batch (not jitted). batch_stats: the BatchNorm running
+  averages ({} for the ViTs); keep_indices: [B, keep] patches each image keeps (patch
+  dropout; None keeps all); uint8 images are normalised first."""
   model = create_model(model_config_from(config))
   freeze = config.optimizer.get("freeze", "")
   accum = int(config.accum_steps)
@@ -183,17 +233,19 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
   has_batch_norm = model.config.is_resnet
   train_batch_norm = has_batch_norm and freeze != "image"  # a locked (LiT) tower: eval mode
 
-  def embed_image(params, images, batch_stats):
+  def embed_image(params, images, batch_stats, keep=None):
     """(normalised features, updated running averages)."""
     variables = {"params": params}
     if has_batch_norm:
       variables["batch_stats"] = batch_stats
+    if images.dtype == jnp.uint8:
+      images = normalize_uint8(images)
     if train_batch_norm:
       features, updates = model.apply(variables, images, train=True, method="encode_image",
                                       mutable=["batch_stats"])
       batch_stats = updates["batch_stats"]
     else:
-      features = model.apply(variables, images, method="encode_image")
+      features = model.apply(variables, images, method="encode_image", keep_indices=keep)
     return _constrain(l2_normalize(features), mesh, rows), batch_stats
 
   def embed_text(params, tokens):
@@ -208,19 +260,19 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
       return grads
     return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, grads, param_shardings)
 
-  def direct(params, images, tokens, batch_stats):
+  def direct(params, images, tokens, batch_stats, keep_indices=None):
     def loss_fn(params):
       if freeze:  # No gradient flows into (or is computed for) the frozen tower.
         key = TOWER_PARAMS[freeze]
         params = dict(params, **{key: jax.lax.stop_gradient(params[key])})
-      image_features, new_stats = embed_image(params, images, batch_stats)
+      image_features, new_stats = embed_image(params, images, batch_stats, keep_indices)
       loss, metrics = loss_of_features(image_features, embed_text(params, tokens),
                                        params["logit_scale"], params.get("logit_bias"))
       return loss, (metrics, new_stats)
     (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, constrain_grads(grads), new_stats
 
-  def gradcache(params, images, tokens, batch_stats):
+  def gradcache(params, images, tokens, batch_stats, keep_indices=None):
     """Exact accumulation: embed all micro-batches without gradients, take the loss's
     gradient w.r.t. every embedding over the global batch, then backpropagate it through
     each micro-batch in turn (a VJP per micro-batch). BatchNorm: see the module docstring."""
@@ -236,12 +288,15 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
       return _constrain(x, mesh, rows)
 
     images_m, tokens_m = split(images), split(tokens)
+    # Patch dropout: micro-batch k takes its rows' subsets of the global batch's draw.
+    keep_m = None if keep_indices is None else split(keep_indices)
 
     def embed_micro(stats, xs):  # the running averages move once per micro-batch, in order
-      image_features, stats = embed_image(params, xs[0], stats)
+      image_features, stats = embed_image(params, xs[0], stats, xs[2])
       return stats, (image_features, embed_text(params, xs[1]))
 
-    new_stats, (image_m, text_m) = jax.lax.scan(embed_micro, batch_stats, (images_m, tokens_m))
+    new_stats, (image_m, text_m) = jax.lax.scan(embed_micro, batch_stats,
+                                                (images_m, tokens_m, keep_m))
     has_bias = "logit_bias" in params
     args = (merge(image_m), merge(text_m), params["logit_scale"],
             params["logit_bias"] if has_bias else None)
@@ -252,10 +307,11 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
     trainable = [t for t in ("image", "text") if t != freeze]
     # The recomputation normalises each micro-batch with its own statistics, as the embedding
     # pass did (in training mode the output does not read the running averages).
-    embed = {"image": lambda p, x: embed_image(p, x, batch_stats)[0], "text": embed_text}
+    embed = {"image": lambda p, x: embed_image(p, x[0], batch_stats, x[1])[0],
+             "text": embed_text}
 
     def backprop_micro(acc, xs):
-      inputs = {"image": xs[0], "text": xs[1]}
+      inputs = {"image": (xs[0], xs[4]), "text": xs[1]}
       cotangents = {"image": xs[2], "text": xs[3]}
       out = {}
       for tower in trainable:
@@ -269,7 +325,7 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
     zeros = constrain_grads(zeros)
     acc0 = {TOWER_PARAMS[t]: zeros[TOWER_PARAMS[t]] for t in trainable}
     tower_grads, _ = jax.lax.scan(backprop_micro, acc0,
-                                  (images_m, tokens_m, d_image_m, d_text_m))
+                                  (images_m, tokens_m, d_image_m, d_text_m, keep_m))
     grads = dict(zeros, **tower_grads, logit_scale=feature_grads[2])
     if has_bias:
       grads["logit_bias"] = feature_grads[3]
@@ -280,15 +336,16 @@ def make_loss_and_grad(config, mesh: Mesh, param_shardings=None) -> Callable:
 
 def make_grad_fn(config, mesh: Mesh, param_shardings=None) -> Callable:
   """Jitted (params, batch, batch_stats={}) -> (loss, metrics, grads, new batch_stats); what
-  the train step differentiates."""
+  the train step differentiates. batch["keep_indices"] (optional): patch dropout's kept
+  patches per image (see `patch_keep_indices`)."""
   fn = make_loss_and_grad(config, mesh, param_shardings)
   jitted = jax.jit(lambda params, batch, stats: fn(params, batch["images"], batch["tokens"],
-                                                   stats))
+                                                   stats, batch.get("keep_indices")))
 
   def grad_fn(params, batch, batch_stats=None):
+    inputs = {k: batch[k] for k in ("images", "tokens", "keep_indices") if k in batch}
     with mesh_context(config, mesh):
-      return jitted(params, {"images": batch["images"], "tokens": batch["tokens"]},
-                    {} if batch_stats is None else batch_stats)
+      return jitted(params, inputs, {} if batch_stats is None else batch_stats)
   return grad_fn
 
 
@@ -297,22 +354,37 @@ def make_grad_fn(config, mesh: Mesh, param_shardings=None) -> Callable:
 # ---------------------------------------------------------------------------------------
 
 
-def make_train_step(config, mesh: Mesh, state_shardings) -> Callable:
+def make_train_step(config, mesh: Mesh, state_shardings,
+                    patch_dropout: Optional[float] = None) -> Callable:
   """train_step(state, batch) -> (new_state, metrics); one jit, the state donated.
 
-  batch: {"images": [B, H, W, 3] float32|bfloat16, "tokens": [B, 77] int32} global arrays on
-  `sharding.batch_sharding(mesh)` (other keys are ignored). Metrics are replicated scalars.
+  batch: {"images": [B, H, W, 3] float32|bfloat16|uint8, "tokens": [B, 77] int32} global
+  arrays on `sharding.batch_sharding(mesh)` (other keys are ignored). Metrics are replicated
+  scalars. patch_dropout: this step's (default config.patch_dropout; the keep count is
+  static, the choice drawn from `patch_dropout_key(config.seed, state.step)`).
   """
   shd.validate_config(config, num_devices=mesh.devices.size, num_slices=shd.mesh_slices(mesh))
+  model_config = model_config_from(config)
+  validate_patch_dropout(config, model_config)
   loss_and_grad = make_loss_and_grad(config, mesh, state_shardings.params)
   tx = make_optimizer(config)
   schedule = make_schedule(config)
+  rate = float(config.get("patch_dropout", 0.0) if patch_dropout is None else patch_dropout)
+  num_patches = 0 if model_config.is_resnet else model_config.vision.grid_size ** 2
+  keep = kept_patches(num_patches, rate) if rate else None
+  seed = int(config.seed)
 
   log_update_norm = bool(config.get("log_update_norm", False))
 
   def step_fn(state: TrainState, batch):
+    keep_indices = None
+    if keep is not None:
+      keep_indices = _constrain(
+          patch_keep_indices(patch_dropout_key(seed, state.step), batch["images"].shape[0],
+                             num_patches, keep), mesh, P(shd.BATCH_AXES))
     loss, metrics, grads, batch_stats = loss_and_grad(state.params, batch["images"],
-                                                      batch["tokens"], state.batch_stats)
+                                                      batch["tokens"], state.batch_stats,
+                                                      keep_indices)
     # The norms read trees that exist anyway (the gradients, the new parameters) behind
     # optimization barriers. Without them XLA shares g*g between the gradient norm and Adam's
     # second moment and writes it out, and the parameter norm recomputes the update: on
@@ -351,7 +423,38 @@ def make_train_step(config, mesh: Mesh, state_shardings) -> Callable:
       return jitted.lower(state, {"images": batch["images"], "tokens": batch["tokens"]})
 
   train_step.lower = lower
+  train_step.patch_dropout = rate
   return train_step
+
+
+class PhasedTrainStep:
+  """train_step(state, batch) for a run with an unmasked tuning phase: the masked step
+  (config.patch_dropout) until the last config.unmasked_tuning_steps steps, then the unmasked
+  one (compiled when first needed). Counts steps on the host from `start_step`, so a run
+  resumed in either phase, or across the switch, takes the step the uninterrupted run took."""
+
+  def __init__(self, config, mesh: Mesh, state_shardings, *, start_step: int,
+               total_steps: Optional[int] = None):
+    self._config, self._mesh, self._shardings = config, mesh, state_shardings
+    self._total = int(config.total_steps if total_steps is None else total_steps)
+    self._step = int(start_step)
+    self._steps: dict[float, Callable] = {}
+
+  def step_for(self, step: int) -> Callable:
+    rate = patch_dropout_at(self._config, step, self._total)
+    if rate not in self._steps:
+      self._steps[rate] = make_train_step(self._config, self._mesh, self._shardings, rate)
+    return self._steps[rate]
+
+  @property
+  def patch_dropout(self) -> float:
+    """The patch dropout of the next step."""
+    return patch_dropout_at(self._config, self._step, self._total)
+
+  def __call__(self, state, batch):
+    out = self.step_for(self._step)(state, batch)
+    self._step += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,6 +502,7 @@ def dry_run_report(config, mesh: Optional[Mesh] = None) -> dict:
       "num_devices": int(mesh.devices.size),
       "global_batch": int(config.batch_size),
       "flops_per_step": int(train_flops_per_step(model_config_from(config),
-                                                 int(config.batch_size))),
+                                                 int(config.batch_size),
+                                                 float(config.get("patch_dropout", 0.0)))),
       "memory_per_device": memory_per_device(compiled),
   }

@@ -12,6 +12,7 @@ latest one (onto any mesh). SIGTERM (preemption) saves the current step and exit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging as pylogging
 import math
@@ -146,6 +147,12 @@ def validate_config(config, *, check_data: bool = True, check_mesh: bool = True)
     for field in ("num_examples", "batch_size"):
       if eval_config.get(field, 1) <= 0:
         raise ValueError(f"config.evals.{name}.{field}={eval_config.get(field)} must be positive")
+  from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  step_lib.validate_patch_dropout(config)
+  tuning = int(config.get("unmasked_tuning_steps", 0))
+  if tuning and tuning >= resolve_total_steps(config):
+    raise ValueError(f"config.unmasked_tuning_steps={tuning} must be below total_steps="
+                     f"{resolve_total_steps(config)}")
   if check_mesh:
     from clip_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.validate_config(config)
@@ -258,7 +265,8 @@ def make_train_input(run: Run, start_step: int = 0):
   from clip_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from clip_jax import sharding  # pylint: disable=g-import-not-at-top
   return data_lib.make_train_iterator(run.config, sharding.batch_sharding(run.mesh),
-                                      image_size=run.image_size, start_step=start_step)
+                                      image_size=run.image_size, start_step=start_step,
+                                      cache_dir=run.workdir)  # the files source's index
 
 
 def open_input(run: Run):
@@ -459,7 +467,9 @@ class StepLog:
     self._run, self._writer, self._train_iter = run, writer, train_iter
     self._model = create_model(run.model_config)
     self._evaluators = {name: EVALUATORS[name]() for name in run.config.evals}
-    self._flops_per_step = train_flops_per_step(run.model_config, run.config.batch_size)
+    # FLOPs per step of each patch dropout phase (FLIP: the tokens the step processes).
+    self._flops = functools.lru_cache()(
+        lambda rate: train_flops_per_step(run.model_config, run.config.batch_size, rate))
     self._device_kind = jax.devices()[0].device_kind
     self._pending: Optional[tuple[int, Any, float]] = None  # (step, metrics, data wait)
     self._last_time, self._last_step, self._data_wait = time.time(), start_step, 0.0
@@ -496,8 +506,11 @@ class StepLog:
     # below step_time_s costs nothing; one near it means the input pipeline limits the run.
     values.update(input_stats(self._train_iter.skipped_samples, self._data_wait / steps))
     self._data_wait = 0.0
-    mfu = metrics_lib.model_flops_utilization(self._flops_per_step, step_time,
-                                              jax.device_count(), self._device_kind)
+    from clip_jax.step import patch_dropout_at  # pylint: disable=g-import-not-at-top
+    flops = self._flops(patch_dropout_at(self._run.config, step - 1, self._run.total_steps))
+    values["flops_per_step"] = float(flops)
+    mfu = metrics_lib.model_flops_utilization(flops, step_time, jax.device_count(),
+                                              self._device_kind)
     if mfu is not None:
       values["mfu"] = mfu
     self._writer.write(step, values)
@@ -551,7 +564,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state, shardings, rng, train_iter, checkpointer = build_or_restore_state(run, train_iter)
     start_step = int(jax.device_get(state.step))
     writer = open_writer(run, start_step)
-  train_step = step_lib.make_train_step(run.config, run.mesh, shardings)
+  if run.config.get("unmasked_tuning_steps", 0) and run.config.get("patch_dropout", 0.0):
+    # FLIP: masked, then the last unmasked_tuning_steps unmasked (chosen by the step number).
+    train_step = step_lib.PhasedTrainStep(run.config, run.mesh, shardings,
+                                          start_step=start_step, total_steps=run.total_steps)
+  else:
+    train_step = step_lib.make_train_step(run.config, run.mesh, shardings)
   write_config_json(run)
   log = StepLog(run, writer, train_iter, start_step)
 

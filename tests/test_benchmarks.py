@@ -17,8 +17,10 @@ def _last_json(*args):
 
 
 def test_train_step_with_torch_peer():
+  # With FLIP patch dropout on both sides (the peer through a hook on its patch embeddings).
   result = _last_json("benchmarks/train_step.py", "--model", "tiny", "--batch", "4", "--steps",
-                      "2", "--warmup", "1", "--peer", "torch", "--malloc_retain")
+                      "2", "--warmup", "1", "--peer", "torch", "--malloc_retain",
+                      "--patch_dropout", "0.5")
   for key in ("samples_per_s", "step_time_s", "compile_s", "flops_per_step", "achieved_tflops",
               "mfu", "peak_tflops", "peer_samples_per_s", "ratio"):
     assert key in result, key
@@ -27,7 +29,9 @@ def test_train_step_with_torch_peer():
   assert 0 < result["mfu"] and result["peak_tflops"] > 0
   # The analytic count of clip_jax.models.flops for this model and batch.
   from clip_jax.models.flops import train_flops_per_step
-  assert result["flops_per_step"] == train_flops_per_step("tiny", 4)
+  assert result["patch_dropout"] == 0.5
+  assert result["flops_per_step"] == train_flops_per_step("tiny", 4, 0.5) < train_flops_per_step(
+      "tiny", 4)
   assert abs(result["ratio"] - result["samples_per_s"] / result["peer_samples_per_s"]) < 0.01 * result["ratio"]
 
 

@@ -201,3 +201,27 @@ def test_dry_run_report():
 def test_dry_run_rejects_bad_config_before_compiling():
   with pytest.raises(ValueError, match="config.batch_size=12"):
     st.dry_run_report(config(batch_size=12))
+
+
+def test_uint8_batches_normalised_in_the_step_equal_float32_batches(host_batch):
+  """config.data.image_dtype="uint8": the step normalises on the device exactly as the input
+  pipeline would have on the host (float32 batches), so the two steps agree."""
+  from clip_jax.preprocess import uint8_affine
+  c = config(mesh={"data": -1})
+  mesh = mesh_for(c, jax.devices()[:1])
+  pixels = np.random.default_rng(3).integers(0, 256, size=(B, 32, 32, 3), dtype=np.uint8)
+  scale, offset = uint8_affine()
+  batches = {"uint8": dict(host_batch, images=pixels),
+             "float32": dict(host_batch, images=pixels.astype(np.float32) * scale + offset)}
+  metrics, moments = {}, {}
+  for name, batch in batches.items():
+    state, shardings = st.create_train_state(c, mesh, None, params=host_params(c))
+    state, metrics[name] = st.make_train_step(c, mesh, shardings)(state, on_mesh(batch, mesh))
+    # Adam's first moment after one step is (1 - b1) * grad: the gradients, as the step saw
+    # them. (Its first update is ~lr * sign(grad), too coarse a comparison.)
+    moments[name] = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.opt_state)
+                     if np.ndim(x) > 0]
+  for key in ("loss", "grad_norm", "param_norm"):
+    np.testing.assert_allclose(metrics["uint8"][key], metrics["float32"][key], rtol=1e-6)
+  assert len(moments["uint8"]) > 10
+  assert_grads_close(moments["uint8"], moments["float32"])

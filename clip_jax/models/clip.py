@@ -46,6 +46,9 @@ class CLIP(nn.Module):
   collection. `train=True` normalises with the batch's statistics and updates them (apply
   with `mutable=["batch_stats"]`); `train=False` (the default: evaluation, inference) uses
   them. The ViTs ignore `train`.
+
+  `keep_indices` (ViTs, training with patch dropout): [B, keep] patch indices each image
+  keeps (see clip_jax.models.vit); None, the default, keeps every patch.
   """
   config: CLIPConfig
 
@@ -68,10 +71,12 @@ class CLIP(nn.Module):
           "logit_bias", nn.with_logical_partitioning(nn.initializers.constant(cfg.logit_bias_init), ()),
           (), jnp.float32)
 
-  def encode_image(self, images, train: bool = False):
+  def encode_image(self, images, train: bool = False, keep_indices=None):
     if self.config.is_resnet:
+      if keep_indices is not None:
+        raise ValueError("patch dropout (keep_indices) applies to ViT image towers, not ResNets")
       return self.visual(images, train)
-    return self.visual(images)
+    return self.visual(images, keep_indices)
 
   def encode_text(self, tokens):
     return self.text(tokens)

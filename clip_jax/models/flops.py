@@ -4,6 +4,9 @@ Counts 2 FLOPs per multiply-accumulate of every matmul and convolution (patch em
 QKV, attention scores and values, output projection, MLP, final projections; a ResNet's
 convolutions and attention pool), as the published open_clip / OpenAI figures do;
 LayerNorm, BatchNorm, softmax, pooling and activations are not counted.
+
+With patch dropout (FLIP) the image tower processes 1 + kept patch tokens, and only the kept
+patches go through the patch projection: `patch_dropout` counts those, not the unmasked ones.
 """
 from __future__ import annotations
 
@@ -44,14 +47,18 @@ def _resnet_macs(cfg: CLIPConfig) -> int:
   return macs
 
 
-def image_flops(config: "str | CLIPConfig") -> int:
+def image_flops(config: "str | CLIPConfig", patch_dropout: float = 0.0) -> int:
+  """Forward FLOPs of one image; a ViT with `patch_dropout` counts only the kept patches."""
+  from clip_jax.models.vit import kept_patches  # pylint: disable=g-import-not-at-top
   cfg = get_model_config(config)
   if cfg.is_resnet:
+    if patch_dropout:
+      raise ValueError("patch dropout applies to ViT image towers, not ResNets")
     return 2 * _resnet_macs(cfg)
   v = cfg.vision
-  patches = v.grid_size ** 2
+  patches = kept_patches(v.grid_size ** 2, patch_dropout)
   macs = patches * v.patch_size ** 2 * 3 * v.width
-  macs += _transformer_macs(v.num_tokens, v.width, v.layers, v.mlp_ratio)
+  macs += _transformer_macs(patches + 1, v.width, v.layers, v.mlp_ratio)
   macs += v.width * cfg.embed_dim
   return 2 * macs
 
@@ -64,14 +71,14 @@ def text_flops(config: "str | CLIPConfig") -> int:
   return 2 * macs
 
 
-def forward_flops_per_pair(config: "str | CLIPConfig") -> int:
+def forward_flops_per_pair(config: "str | CLIPConfig", patch_dropout: float = 0.0) -> int:
   """Forward FLOPs of one image and one caption through both towers."""
-  return image_flops(config) + text_flops(config)
+  return image_flops(config, patch_dropout) + text_flops(config)
 
 
-def train_flops_per_pair(config: "str | CLIPConfig") -> int:
+def train_flops_per_pair(config: "str | CLIPConfig", patch_dropout: float = 0.0) -> int:
   """Forward + backward (2x forward) = 3x forward."""
-  return 3 * forward_flops_per_pair(config)
+  return 3 * forward_flops_per_pair(config, patch_dropout)
 
 
 def loss_flops(global_batch: int, embed_dim: int) -> int:
@@ -79,6 +86,8 @@ def loss_flops(global_batch: int, embed_dim: int) -> int:
   return 3 * 2 * global_batch * global_batch * embed_dim
 
 
-def train_flops_per_step(config: "str | CLIPConfig", global_batch: int) -> int:
+def train_flops_per_step(config: "str | CLIPConfig", global_batch: int,
+                         patch_dropout: float = 0.0) -> int:
   cfg = get_model_config(config)
-  return global_batch * train_flops_per_pair(cfg) + loss_flops(global_batch, cfg.embed_dim)
+  return (global_batch * train_flops_per_pair(cfg, patch_dropout)
+          + loss_flops(global_batch, cfg.embed_dim))
