@@ -1,5 +1,4 @@
 """open_clip's CSV/TSV source: relative paths, sharding, exact resume, bad rows, clear errors."""
-import json
 import os
 
 import ml_collections
@@ -9,6 +8,9 @@ import pytest
 
 from clip_jax.data import csv_source
 from clip_jax.data import pipeline
+
+from data_testing import check_resume_is_exact, global_batches as _global_batches
+from data_testing import pixel_ids as _ids
 
 
 def _config(path, **data):
@@ -37,20 +39,7 @@ def _write_csv(directory, num_rows=10, separator="\t", extra_rows=()):
   return path
 
 
-def _ids(images):
-  """Which rows a batch of flat images came from."""
-  return np.rint(np.asarray(images)[:, 0, 0, 0] / 20).astype(int).tolist()
 
-
-def _global_batches(config, process_count, steps, start_step=0):
-  its = [pipeline.make_train_iterator(config, None, image_size=16, process_index=p,
-                                      process_count=process_count, start_step=start_step)
-         for p in range(process_count)]
-  batches = [[next(it) for it in its] for _ in range(steps)]
-  for it in its:
-    it.close()
-  return [{k: np.concatenate([b[k] for b in local]) for k in ("images", "tokens")}
-          for local in batches]
 
 
 def test_rows_are_read_with_relative_paths_and_one_caption_each(tmp_path):
@@ -80,21 +69,9 @@ def test_rows_are_read_with_relative_paths_and_one_caption_each(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-  config = _config(_write_csv(str(tmp_path), 10))
-  it = pipeline.make_train_iterator(config, None, image_size=16)
-  first = [next(it) for _ in range(3)]
-  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  expected = [next(it) for _ in range(4)]  # crosses epoch boundaries (10 rows, 4 a batch)
-  it.close()
-  resumed = pipeline.make_train_iterator(config, None, image_size=16)
-  resumed.set_state(state)
-  got = [next(resumed) for _ in range(4)]
-  resumed.close()
-  for want, have in zip(expected, got):
-    for k in want:
-      np.testing.assert_array_equal(want[k], have[k])
-  # Every epoch is a new order of all 10 rows, and crops differ (the check is not vacuous).
-  order = sum((_ids(b["images"]) for b in first + expected), [])
+  batches = check_resume_is_exact(_config(_write_csv(str(tmp_path), 10)))
+  # Every epoch is a new order of all 10 rows (4 a batch: the stream crosses epochs).
+  order = sum((_ids(b["images"]) for b in batches), [])
   assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
   assert order[:10] != order[10:20]
 

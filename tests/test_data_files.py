@@ -11,6 +11,9 @@ import pytest
 from clip_jax.data import files_source
 from clip_jax.data import pipeline
 
+from data_testing import check_resume_is_exact, global_batches as _global_batches
+from data_testing import pixel_ids as _ids
+
 
 def _config(path, **data):
   c = ml_collections.ConfigDict({
@@ -37,20 +40,7 @@ def _write_tree(directory, num_images=10, per_folder=4):
   return directory
 
 
-def _ids(images):
-  return np.rint(np.asarray(images)[:, 0, 0, 0] / 20).astype(int).tolist()
 
-
-def _global_batches(config, process_count, steps, start_step=0, cache_dir=None):
-  its = [pipeline.make_train_iterator(config, None, image_size=16, process_index=p,
-                                      process_count=process_count, start_step=start_step,
-                                      cache_dir=cache_dir)
-         for p in range(process_count)]
-  batches = [[next(it) for it in its] for _ in range(steps)]
-  for it in its:
-    it.close()
-  return [{k: np.concatenate([b[k] for b in local]) for k in ("images", "tokens")}
-          for local in batches]
 
 
 def test_pairs_are_read_in_path_order_with_their_captions(tmp_path):
@@ -86,20 +76,8 @@ def test_the_index_is_cached_in_the_workdir(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-  config = _config(_write_tree(str(tmp_path), 10))
-  it = pipeline.make_train_iterator(config, None, image_size=16)
-  first = [next(it) for _ in range(3)]
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(4)]
-  it.close()
-  resumed = pipeline.make_train_iterator(config, None, image_size=16)
-  resumed.set_state(state)
-  got = [next(resumed) for _ in range(4)]
-  resumed.close()
-  for want, have in zip(expected, got):
-    for k in want:
-      np.testing.assert_array_equal(want[k], have[k])
-  order = sum((_ids(b["images"]) for b in first + expected), [])
+  batches = check_resume_is_exact(_config(_write_tree(str(tmp_path), 10)))
+  order = sum((_ids(b["images"]) for b in batches), [])
   assert sorted(order[:10]) == list(range(10)) and order[:10] != order[10:20]
 
 

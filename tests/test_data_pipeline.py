@@ -1,6 +1,5 @@
 """The grain pipeline: exact resume, per-process parts, global arrays on the mesh."""
 import json
-import os
 
 import jax
 import ml_collections
@@ -10,6 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clip_jax.data import pipeline
 from clip_jax.data import wds
+
+from data_testing import check_resume_is_exact, global_batches as _global_batches
 
 
 def _config(source="synthetic", **data):
@@ -46,16 +47,8 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("source", ["synthetic", "wds"])
 def test_resume_is_exact(tmp_path, source):
-  config = _config(source, path=_shards(tmp_path) if source == "wds" else "")
-  it = pipeline.make_train_iterator(config, None, image_size=16)
-  first = _take(it, 3)
-  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  expected = _take(it, 4)  # crosses an epoch boundary for wds (20 samples, 8 per batch)
-  it.close()
-  resumed = pipeline.make_train_iterator(config, None, image_size=16)
-  resumed.set_state(state)
-  _assert_same(expected, _take(resumed, 4))
-  resumed.close()
+  # wds: crosses an epoch boundary (20 samples, 8 per batch).
+  first = check_resume_is_exact(_config(source, path=_shards(tmp_path) if source == "wds" else ""))
   # The random crops really differ between samples (the resume check is not vacuous).
   assert not np.array_equal(first[0]["images"], first[1]["images"])
 
@@ -100,18 +93,6 @@ def _rows(batches):
   """The global batches' (image, tokens) rows as a sorted list: a set with multiplicity."""
   return sorted(b["images"][i].tobytes() + b["tokens"][i].tobytes()
                 for b in batches for i in range(len(b["tokens"])))
-
-
-def _global_batches(config, process_count, steps, start_step=0):
-  """`steps` global batches (the processes' local batches in process order) from start_step."""
-  its = [pipeline.make_train_iterator(config, None, image_size=16, process_index=p,
-                                      process_count=process_count, start_step=start_step)
-         for p in range(process_count)]
-  batches = [[next(it) for it in its] for _ in range(steps)]
-  for it in its:
-    it.close()
-  return [{k: np.concatenate([b[k] for b in local]) for k in ("images", "tokens")}
-          for local in batches]
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 4)])

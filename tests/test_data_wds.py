@@ -1,6 +1,5 @@
 """Webdataset shards: patterns, per-process split, corrupt input skipped and counted."""
 import io
-import json
 import os
 
 import ml_collections
@@ -9,7 +8,6 @@ from PIL import Image
 import pytest
 
 from clip_jax.data import pipeline
-from clip_jax.data import transforms
 from clip_jax.data import wds
 
 

@@ -62,7 +62,8 @@ def test_scanned_and_unrolled_layers_agree():
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, restacked, params))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "save_attn_out"])
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "dots",
+                                    "save_attn_out"])
 def test_remat_changes_nothing_numerically(policy):
   base = create_model("tiny")
   params = init_params(base, jax.random.PRNGKey(1))
@@ -180,7 +181,8 @@ def test_fused_attention_pads_odd_lengths_exactly(length, causal):
     np.testing.assert_allclose(g, ref, atol=2e-6)
 
 
-@pytest.mark.parametrize("scan_layers,remat_policy", [(True, "dots"), (False, "none")])
+@pytest.mark.parametrize("scan_layers,remat_policy", [
+    (True, "dots"), pytest.param(False, "none", marks=pytest.mark.slow)])
 def test_cudnn_path_pads_once_and_matches_xla(monkeypatch, scan_layers, remat_policy):
   """attention_impl='cudnn' pads an odd sequence (tiny: 17 image, 77 text tokens) once per
   tower, masks the pad key in every layer and slices it off. Run through the XLA kernel

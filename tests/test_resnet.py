@@ -325,14 +325,14 @@ def test_remat_and_bfloat16():
                          train=True, method="encode_image", mutable=["batch_stats"])
     return jnp.sum(out ** 2)
 
-  grads = jax.grad(lambda p: loss(model, p))(variables["params"])
-  remat_grads = jax.grad(lambda p: loss(create_model("tiny_rn", remat_policy="full"), p))(
-      variables["params"])
+  grads = jax.jit(jax.grad(lambda p: loss(model, p)))(variables["params"])
+  remat_grads = jax.jit(jax.grad(
+      lambda p: loss(create_model("tiny_rn", remat_policy="full"), p)))(variables["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
                remat_grads)
   bf16 = create_model("tiny_rn", dtype="bfloat16")
-  out = bf16.apply(variables, images, method="encode_image")
-  ref = model.apply(variables, images, method="encode_image")
+  out = jax.jit(lambda v: bf16.apply(v, images, method="encode_image"))(variables)
+  ref = jax.jit(lambda v: model.apply(v, images, method="encode_image"))(variables)
   assert out.dtype == jnp.float32
   assert_close(out, ref, rtol=5e-2, what="bfloat16 image features")
 

@@ -136,7 +136,7 @@ def global_norm(tree):
                        for x in jax.tree_util.tree_leaves(tree)))
 
 
-@pytest.mark.parametrize("grad_clip_norm", [0.0, 0.5])
+@pytest.mark.parametrize("grad_clip_norm", [pytest.param(0.0, marks=slow), 0.5])
 def test_step_norm_metrics(host_batch, grad_clip_norm):
   """The norms the step logs (computed behind optimization barriers) are those of the
   gradients, the new parameters and the update (log_update_norm)."""

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from clip_jax.preprocess import uint8_affine
+
 # A truncated JPEG must fail to decode (and be skipped), not decode half-grey.
 Image.LOAD_TRUNCATED_IMAGES = False
 
@@ -134,10 +136,8 @@ class Normalizer:
   """
 
   def __init__(self, mean: Sequence[float], std: Sequence[float], dtype: str = "float32"):
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    self.scale = (1.0 / (255.0 * std)).astype(np.float32)
-    self.offset = (-mean / std).astype(np.float32)
+    # The same constants as the train step's on-device normalisation of uint8 batches.
+    self.scale, self.offset = uint8_affine(mean, std)
     if dtype not in ("float32", "bfloat16", "uint8"):
       raise ValueError(f"config.data.image_dtype={dtype!r} is not supported; use float32, "
                        f"bfloat16 or uint8")
