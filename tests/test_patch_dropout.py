@@ -17,6 +17,7 @@ from clip_jax.models import create_model, init_params
 from clip_jax.models.clip import l2_normalize
 from clip_jax.models.flops import image_flops, train_flops_per_step
 from clip_jax.models.layers import LayerNorm, Transformer
+from clip_jax.models.params import unscan_params
 from clip_jax.models.vit import kept_patches, patch_keep_indices
 
 from test_step import assert_grads_close, config, host_batch, loss_and_grads, on_mesh  # noqa: F401
@@ -97,14 +98,18 @@ def masked_reference(host_batch):
   return c, params, np.asarray(keep), float(loss), jax.tree_util.tree_map(np.asarray, grads)
 
 
-@pytest.mark.parametrize("mesh_axes,accum", [
-    ({"data": -1}, 1),
-    ({"data": 2, "fsdp": 2, "tensor": 2}, 2),
+@pytest.mark.parametrize("mesh_axes,accum,layers", [
+    ({"data": -1}, 1, {}),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 2, {}),
+    # Unscanned (the last block computes the class token's row only), rematerialised, FSDP.
+    ({"data": 2, "fsdp": 4}, 1, {"scan_layers": False, "remat_policy": "full"}),
 ])
 def test_masked_loss_and_grads_equal_explicit_gathering(masked_reference, host_batch,
-                                                        mesh_axes, accum):
+                                                        mesh_axes, accum, layers):
   c, params, keep, ref_loss, ref_grads = masked_reference
-  c = config(mesh=mesh_axes, patch_dropout=0.5, accum_steps=accum)
+  c = config(mesh=mesh_axes, patch_dropout=0.5, accum_steps=accum, **layers)
+  if not c.scan_layers:
+    params, ref_grads = unscan_params(params), unscan_params(ref_grads)
   mesh = shd.create_mesh(c, devices=jax.devices()[:1] if mesh_axes == {"data": -1} else None)
   loss, grads = loss_and_grads(c, mesh, dict(host_batch, keep_indices=keep), params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
