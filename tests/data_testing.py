@@ -42,3 +42,13 @@ def check_resume_is_exact(config, before=3, after=4):
     for k in want:
       np.testing.assert_array_equal(want[k], have[k])
   return first + expected
+
+
+def check_resume_onto_another_process_count(config, before, after, steps=5, resume_at=3):
+  """A run on `before` processes and one resumed at `resume_at` on `after` processes read
+  the same global batches, row for row."""
+  uninterrupted = global_batches(config, before, steps)
+  resumed = global_batches(config, after, steps - resume_at, start_step=resume_at)
+  for want, got in zip(uninterrupted[resume_at:], resumed):
+    np.testing.assert_array_equal(want["images"], got["images"])
+    np.testing.assert_array_equal(want["tokens"], got["tokens"])
