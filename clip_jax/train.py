@@ -150,9 +150,9 @@ def validate_config(config, *, check_data: bool = True, check_mesh: bool = True)
   from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   step_lib.validate_patch_dropout(config)
   tuning = int(config.get("unmasked_tuning_steps", 0))
-  if tuning and tuning >= resolve_total_steps(config):
+  if tuning and tuning >= (total_steps := resolve_total_steps(config)):
     raise ValueError(f"config.unmasked_tuning_steps={tuning} must be below total_steps="
-                     f"{resolve_total_steps(config)}")
+                     f"{total_steps}")
   if check_mesh:
     from clip_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.validate_config(config)

@@ -21,19 +21,6 @@ import numpy as np
 from clip_jax.data import wds
 
 
-def open_binary(path: str):
-  """A local path or any fsspec URL, opened for reading bytes."""
-  if "://" in path and not path.startswith("file://"):
-    import fsspec  # pylint: disable=g-import-not-at-top
-    return fsspec.open(path, "rb").open()
-  return open(path.removeprefix("file://"), "rb")
-
-
-def read_bytes(path: str) -> bytes:
-  with open_binary(path) as f:
-    return f.read()
-
-
 def _join(folder: str, path: str) -> str:
   """`path` as written if absolute or a URL, else relative to `folder` (a dir or URL)."""
   if "://" in path or os.path.isabs(path):
@@ -66,7 +53,7 @@ def _files(path: str) -> list[str]:
 def _header(csv_file: str, separator: str) -> tuple[list[str], bool]:
   """(column names, whether a data row follows) of one file; ValueError if it is unreadable."""
   try:
-    with open_binary(csv_file) as f:
+    with wds.open_binary(csv_file) as f:
       lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
       reader = csv.reader(lines, delimiter=separator)
       header = next(reader, None)
@@ -108,7 +95,7 @@ class CsvSource:
     images, captions, keys = [], [], []
     for csv_file in validate(path, image_key, caption_key, separator):
       folder = _folder(csv_file)
-      with open_binary(csv_file) as f:
+      with wds.open_binary(csv_file) as f:
         lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
         reader = csv.reader(lines, delimiter=separator)
         header = next(reader)

@@ -17,7 +17,6 @@ from typing import Optional
 
 import numpy as np
 
-from clip_jax.data import csv_source
 from clip_jax.data import wds
 
 IMAGE_EXTENSIONS = tuple("." + e for e in wds.IMAGE_EXTENSIONS)
@@ -183,7 +182,7 @@ class FilesSource:
     caption = ""
     if self._has_text[index]:
       text_file = self._path(index, os.path.splitext(image)[0] + ".txt")
-      caption = csv_source.read_bytes(text_file).decode("utf-8", errors="replace").strip()
+      caption = wds.read_bytes(text_file).decode("utf-8", errors="replace").strip()
     captions = [line.strip() for line in caption.splitlines() if line.strip()]
     return {"image": self._path(index, image), "caption": caption, "captions": captions,
             "label": -1, "key": image}

@@ -270,8 +270,7 @@ class RecordLoader:
       raw = self._source.record(index, rng)
       key = raw.get("key", key)
       if isinstance(raw["image"], str):
-        from clip_jax.data import csv_source  # pylint: disable=g-import-not-at-top
-        raw["image"] = csv_source.read_bytes(raw["image"])
+        raw["image"] = wds.read_bytes(raw["image"])
     except Exception as e:  # pylint: disable=broad-except
       return _skip(key, None, f"unreadable record: {type(e).__name__}: {e}")
     raw.update(epoch=epoch, index=index)

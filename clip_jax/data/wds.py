@@ -90,11 +90,17 @@ def validate_shards(path: str) -> list[str]:
   return shards
 
 
-def _open(path: str):
+def open_binary(path: str):
+  """A local path (or file:// URL) or any fsspec URL, opened for reading bytes."""
   if _is_url(path):
     import fsspec  # pylint: disable=g-import-not-at-top
     return fsspec.open(path, "rb").open()
   return open(path.removeprefix("file://"), "rb")
+
+
+def read_bytes(path: str) -> bytes:
+  with open_binary(path) as f:
+    return f.read()
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -143,7 +149,7 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
   """
   key, files = None, {}
   try:
-    with _open(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with open_binary(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
       for member in tar:
         if not member.isfile():
           continue
