@@ -109,7 +109,7 @@ def test_bad_pairs_are_skipped_and_counted(tmp_path):
   Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(folder / "000000102.png")  # no .txt
   Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(folder / "000000103.png")
   (folder / "000000103.txt").write_text("  \n")  # empty caption
-  Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(folder / "000000104.webp")
+  (folder / "000000104.webp").write_bytes(b"RIFF")  # listed by extension; never decoded
   (folder / "000000104.txt").write_text("deleted after listing")
   source = files_source.FilesSource(data)
   assert len(source) == 8

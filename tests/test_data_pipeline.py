@@ -223,3 +223,31 @@ def test_single_caption_rows_equal_the_batch_tokenizer():
     for length in (77, 8):
       np.testing.assert_array_equal(transforms.tokenize_caption(caption, length),
                                     tokenize([caption], context_length=length, truncate=True)[0])
+
+
+def test_pillow_build_names_the_imported_pil(monkeypatch):
+  import importlib.metadata
+  import PIL
+  from clip_jax.data import transforms
+  transforms.pillow_build.cache_clear()
+  real = importlib.metadata.version
+
+  def version(name, simd=None):
+    if name == "pillow-simd":
+      if simd is None:
+        raise importlib.metadata.PackageNotFoundError(name)
+      return simd
+    return real(name)
+
+  try:
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert transforms.pillow_build() == f"Pillow {PIL.__version__}"
+    transforms.pillow_build.cache_clear()
+    # pillow-simd's metadata left behind while Pillow's PIL was installed over it: still Pillow.
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: version(n, "9.0.0.post1"))
+    assert transforms.pillow_build() == f"Pillow {PIL.__version__}"
+    transforms.pillow_build.cache_clear()
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: version(n, PIL.__version__))
+    assert transforms.pillow_build() == f"Pillow-SIMD {PIL.__version__}"
+  finally:
+    transforms.pillow_build.cache_clear()

@@ -150,7 +150,8 @@ def test_tpu_errors_are_one_line(args, message):
 def test_shell_scripts_are_shellcheck_clean():
   shellcheck = shutil.which("shellcheck") or str(pathlib.Path(sys.executable).parent /
                                                   "shellcheck")
-  result = subprocess.run([shellcheck, str(LAUNCH / "tpu_vm.sh"), str(LAUNCH / "slurm.sbatch")],
+  result = subprocess.run([shellcheck, str(LAUNCH / "tpu_vm.sh"), str(LAUNCH / "slurm.sbatch"),
+                           str(LAUNCH / "install_pillow_simd.sh")],
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout
 
@@ -292,3 +293,38 @@ def test_local_usage_errors():
   assert result.returncode != 0 and "'--' is needed" in result.stderr
   result, _ = _local("--processes", "0", "--", "true")
   assert result.returncode == 2 and "--processes=0 must be >= 1" in result.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PYTHON": "no-such-python"}, "error: PYTHON=no-such-python not found"),
+    ({"CC": "no-such-cc"}, "error: no C compiler (no-such-cc); install build-essential"),
+    ({"ARG": "--python=x"}, "error: unknown argument '--python=x': the script takes none "
+     "(PYTHON=..., PILLOW_SIMD_VERSION=..., CC=... in the environment)"),
+])
+def test_pillow_simd_installer_errors_are_one_line(env, message):
+  # Checked before anything is uninstalled: a host that cannot build keeps its Pillow.
+  args = [env.pop("ARG")] if "ARG" in env else []
+  result = subprocess.run(["bash", str(LAUNCH / "install_pillow_simd.sh"), *args],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [message]
+
+
+def test_tpu_setup_pillow_simd_builds_it_on_every_worker_after_the_install():
+  base = ("setup", "--name", "t", "--zone", "z", "--dry-run")
+  plain = _commands(_tpu(*base).stdout)
+  simd = _commands(_tpu(*base, "--pillow-simd").stdout)
+  assert simd[:len(plain)] == plain
+  assert simd[len(plain):] == [
+      "gcloud compute tpus tpu-vm ssh t --zone=z --worker=all '--command=sudo apt-get update -q "
+      "&& sudo apt-get install -y -q build-essential libjpeg-turbo8-dev zlib1g-dev libwebp-dev "
+      "&& bash ~/clip_jax/launch/install_pillow_simd.sh'"]
+
+
+def test_pillow_simd_installer_help_installs_nothing():
+  result = subprocess.run(["bash", str(LAUNCH / "install_pillow_simd.sh"), "--help"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": "no-such-python"})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("Replace Pillow by Pillow-SIMD")
+  assert "launch/install_pillow_simd.sh" in result.stdout and "building" not in result.stdout

@@ -88,6 +88,8 @@ def validate(path: str, image_key: str, caption_key: str, separator: str) -> lis
 class CsvSource:
   """Random access to the (image path, caption) rows of CSV/TSV files."""
 
+  draws_captions = False  # `record` ignores its rng: RecordLoader passes None
+
   def __init__(self, path: str, image_key: str = "filepath", caption_key: str = "title",
                separator: str = "\t"):
     separator = _separator(separator)

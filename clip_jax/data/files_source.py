@@ -159,6 +159,8 @@ def validate(path: str, cache_dir: Optional[str] = None) -> None:
 class FilesSource:
   """Random access to the (image, caption) pairs of a files-layout tree."""
 
+  draws_captions = False  # `record` ignores its rng: RecordLoader passes None
+
   def __init__(self, path: str, cache_dir: Optional[str] = None):
     index = build_index(path, cache_dir)
     self.name = path

@@ -51,6 +51,8 @@ def validate(path: str) -> None:
 class ImageFolderSource:
   """Random access to (encoded image, caption, label) of an image folder."""
 
+  draws_captions = False  # `record` ignores its rng: RecordLoader passes None
+
   def __init__(self, path: str, classnames: Optional[Sequence[str]] = None):
     validate(path)
     self.path = path
@@ -73,7 +75,7 @@ class ImageFolderSource:
     """The label of every record, in record order (no file is read)."""
     return np.asarray([label for _, label in self._files], np.int64)
 
-  def record(self, index: int, rng: np.random.Generator) -> dict:
+  def record(self, index: int, rng: Optional[np.random.Generator] = None) -> dict:
     """{"image": encoded bytes, "caption", "captions": [caption], "label", "key"}."""
     del rng  # one caption per class: nothing to draw
     relative, label = self._files[index]

@@ -87,7 +87,7 @@ def _csv_options(config) -> tuple[str, str, str]:
 def record_source(config, cache_dir: Optional[str] = None):
   """The random-access source of config.data (one of RECORD_SOURCES): `len`, `.name` and
   `.record(index, rng)` -> {"image": bytes | uint8 HWC | path, "caption", "captions",
-  "label", "key"}."""
+  "label", "key"}; a source whose `draws_captions` is False gets rng=None."""
   data = config.data
   if data.source == "tfds":
     from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -263,8 +263,10 @@ class RecordLoader:
 
   def __call__(self, element: tuple[int, int]) -> dict:
     epoch, index = element
-    # Caption choice (for multi-caption or label datasets) has its own stream per sample.
-    rng = transforms.sample_rng(self._seed + 1, epoch, index)
+    # Caption choice (for multi-caption or label datasets) has its own stream per sample;
+    # sources with one caption per record (csv, files) skip building it.
+    rng = (transforms.sample_rng(self._seed + 1, epoch, index)
+           if getattr(self._source, "draws_captions", True) else None)
     key = f"{self._source.name}/{index}"
     try:
       raw = self._source.record(index, rng)
@@ -499,6 +501,11 @@ def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, im
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{process_count} processes; use a multiple of {process_count}")
   local_batch = config.batch_size // process_count
+  build = transforms.pillow_build()
+  logging.info("Input pipeline: images decoded and resized by %s%s", build,
+               "" if build.startswith("Pillow-SIMD") else
+               " (its scalar bicubic resize is most of the CPU time per image; "
+               "launch/install_pillow_simd.sh puts the ~5x faster Pillow-SIMD in its place)")
   dataset = build_dataset(config, image_size=image_size, local_batch=local_batch, train=True,
                           process_index=process_index, process_count=process_count,
                           first_position=int(start_step) * local_batch, cache_dir=cache_dir)

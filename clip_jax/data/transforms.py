@@ -5,11 +5,14 @@ exactly the crops it would have drawn without the interruption.
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import io
 import math
 from typing import Optional, Sequence
 
 import numpy as np
+import PIL
 from PIL import Image
 
 from clip_jax.preprocess import uint8_affine
@@ -18,6 +21,24 @@ from clip_jax.preprocess import uint8_affine
 Image.LOAD_TRUNCATED_IMAGES = False
 
 _RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+
+
+@functools.lru_cache(maxsize=1)
+def pillow_build() -> str:
+  """Which PIL decodes and resizes here: "Pillow-SIMD 12.1.1.post0" or "Pillow 13.0.0".
+
+  Pillow's bicubic resize is scalar C; Pillow-SIMD's (same API, same filter) is about 5x
+  faster and makes the resize a small part of the input pipeline (benchmarks/RESULTS.md;
+  launch/install_pillow_simd.sh installs it in place of Pillow).
+  """
+  try:
+    simd = importlib.metadata.version("pillow-simd")
+  except importlib.metadata.PackageNotFoundError:
+    simd = None
+  # Both distributions install the same `PIL` package: the imported one is the last installed.
+  if simd is not None and simd == PIL.__version__:
+    return f"Pillow-SIMD {simd}"
+  return f"Pillow {PIL.__version__}"
 
 
 def sample_rng(seed: int, epoch: int, *index: int) -> np.random.Generator:
