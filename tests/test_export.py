@@ -161,6 +161,12 @@ def test_open_clip_layout_round_trip(tiny_dir, tmp_path, capsys):
     assert back_config.act == "quick_gelu"  # from the open_clip_config.json beside it
   model_cfg = json.loads((out / export.OPEN_CLIP_CONFIG).read_text())["model_cfg"]
   assert model_cfg["quick_gelu"] and model_cfg["vision_cfg"]["head_width"] == 16
+  # Without --model the heads come from open_clip's vision head_width (16 here, so 4 heads,
+  # not the 1 that a 64-wide head would give) and the text heads beside it.
+  back, back_config = convert.convert_file(out / export.OPEN_CLIP_WEIGHTS, source="open_clip")
+  assert (back_config.vision.heads, back_config.text.heads) == (4, 4) == (
+      config.vision.heads, config.text.heads)
+  _assert_params_equal(back, params)
 
 
 def test_open_clip_name_is_printed_for_a_known_variant():

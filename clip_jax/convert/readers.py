@@ -175,7 +175,29 @@ def sidecar_config(path: pathlib.Path, layout: str) -> dict:
     model_cfg = json.loads(oc_file.read_text()).get("model_cfg", {})
     if "quick_gelu" in model_cfg:
       hints["act"] = "quick_gelu" if model_cfg["quick_gelu"] else "gelu"
-    for tower, key in (("vision_cfg", "vision_heads"), ("text_cfg", "text_heads")):
-      if model_cfg.get(tower, {}).get("heads"):
-        hints[key] = model_cfg[tower]["heads"]
+    hints.update(_open_clip_heads(model_cfg))
   return {k: v for k, v in hints.items() if v is not None}
+
+
+def _open_clip_heads(model_cfg: dict) -> dict:
+  """Attention heads of an open_clip model_cfg, as open_clip derives them.
+
+  vision_cfg names `head_width` (default 64), not heads: a ViT has width // head_width heads,
+  a ModifiedResNet (`layers` a list) width * 32 // head_width in its attention pool
+  (ViT-H/14: 1280 // 80 = 16, not the 20 a 64-wide head would give). text_cfg names `heads`
+  (default 8). An explicit vision `heads` (some forks write it) is taken as it is.
+  """
+  hints = {}
+  vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+  if vision.get("heads"):
+    hints["vision_heads"] = int(vision["heads"])
+  elif vision.get("width"):
+    width, head_width = int(vision["width"]), int(vision.get("head_width") or 64)
+    if isinstance(vision.get("layers"), (list, tuple)):
+      width *= 32  # the attention pool's width: 32x the stem width
+    hints["vision_heads"] = width // head_width
+  if text.get("heads"):
+    hints["text_heads"] = int(text["heads"])
+  elif text.get("width") and not text.get("hf_model_name"):
+    hints["text_heads"] = 8
+  return hints
