@@ -52,3 +52,14 @@ def check_resume_onto_another_process_count(config, before, after, steps=5, resu
   for want, got in zip(uninterrupted[resume_at:], resumed):
     np.testing.assert_array_equal(want["images"], got["images"])
     np.testing.assert_array_equal(want["tokens"], got["tokens"])
+
+
+def skips_before_good(config, num_records, num_good, good_samples):
+  """Bad records (indices >= num_good) one process's shuffled stream of `num_records` reads
+  before its `good_samples`-th good one: the skips a run that took that many counts."""
+  schedule = pipeline.RecordSchedule(num_records, seed=config.seed, process_index=0,
+                                     process_count=1, shuffle=True,
+                                     local_batch=config.batch_size)
+  records = [schedule[i][1] for i in range(num_records * -(-good_samples // num_good) + 1)]
+  last_good = [i for i, r in enumerate(records) if r < num_good][good_samples - 1]
+  return sum(r >= num_good for r in records[:last_good])

@@ -10,6 +10,7 @@ from clip_jax.data import csv_source
 from clip_jax.data import pipeline
 
 from data_testing import check_resume_is_exact, check_resume_onto_another_process_count
+from data_testing import skips_before_good
 from data_testing import pixel_ids as _ids
 
 
@@ -121,11 +122,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
   it.close()
   assert [sorted(_ids(b["images"])) for b in batches] == [[0, 1, 2, 3]] * 2
   # The skips are those read before the 8th good row (rows 4-8 are the bad ones).
-  schedule = pipeline.RecordSchedule(9, seed=3, process_index=0, process_count=1, shuffle=True,
-                                     local_batch=4)
-  records = [schedule[i][1] for i in range(18)]
-  last_good = [i for i, r in enumerate(records) if r < 4][7]
-  assert it.skipped_samples == sum(r >= 4 for r in records[:last_good]) >= 5
+  assert it.skipped_samples == skips_before_good(config, 9, 4, 8) >= 5
   # Evaluation drops them too.
   rows = [_ids(b["images"][b["mask"]]) for b in pipeline.make_eval_iterator(
       config, image_size=8, batch_size=4)]

@@ -87,7 +87,7 @@ def _csv_options(config) -> tuple[str, str, str]:
 def record_source(config, cache_dir: Optional[str] = None):
   """The random-access source of config.data (one of RECORD_SOURCES): `len`, `.name` and
   `.record(index, rng)` -> {"image": bytes | uint8 HWC | path, "caption", "captions",
-  "label", "key"}; a source whose `draws_captions` is False gets rng=None."""
+  "label", "key"}; `.draws_captions` False: `record` uses no rng and gets None."""
   data = config.data
   if data.source == "tfds":
     from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -264,9 +264,9 @@ class RecordLoader:
   def __call__(self, element: tuple[int, int]) -> dict:
     epoch, index = element
     # Caption choice (for multi-caption or label datasets) has its own stream per sample;
-    # sources with one caption per record (csv, files) skip building it.
+    # sources with one caption per record (csv, files, imagefolder) skip building it.
     rng = (transforms.sample_rng(self._seed + 1, epoch, index)
-           if getattr(self._source, "draws_captions", True) else None)
+           if self._source.draws_captions else None)
     key = f"{self._source.name}/{index}"
     try:
       raw = self._source.record(index, rng)

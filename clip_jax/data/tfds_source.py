@@ -78,6 +78,8 @@ def _captions(value) -> list[str]:
 class TfdsSource:
   """Random access to (image, caption candidates, label) of a TFDS split."""
 
+  draws_captions = True  # `record` picks a caption (or label template) with its rng
+
   def __init__(self, name: str, split: str, data_dir: Optional[str]):
     builder = _builder(name, data_dir)
     self.name = name
