@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any, Optional
 
 from etils import epath
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from clip_jax import distributed, params_io
+from clip_jax import distributed, params_io, storage
 from clip_jax.models import (BATCH_STATS, CLIPConfig, abstract_loaded_params, create_model,
                              interpolate_pos_embed, scan_params, unscan_params, with_batch_stats)
 
@@ -51,10 +52,19 @@ class Checkpointer:
     keep_checkpoints: keep the latest K steps ...
     keep_every: ... and every step that is a multiple of this (0: none).
     async_save: write in a background thread while training goes on.
+    save_wait_s: how long a save waits for the one before it to finish; then it is skipped.
+    save_timeout_s: how long the last save (and `close`) waits for the saves in flight.
+
+  A save that fails (storage errors past the clients' retries) never touches the steps
+  already committed: it is reported in one line and the next save comes at the next
+  interval; a save still in flight (a slow or stalled store) is waited for at most
+  save_wait_s, then the next one is skipped, so training never blocks long on storage. `close` raises
+  CheckpointSaveError if the last step asked for is not committed within save_timeout_s.
   """
 
   def __init__(self, workdir: str, *, checkpoint_every: int, keep_checkpoints: int,
-               keep_every: int = 0, async_save: bool = True):
+               keep_every: int = 0, async_save: bool = True, save_wait_s: float = 120.0,
+               save_timeout_s: float = 900.0):
     policies = [_policies.LatestN(n=keep_checkpoints)]
     if keep_every:
       policies.append(_policies.EveryNSteps(interval_steps=keep_every))
@@ -71,6 +81,12 @@ class Checkpointer:
         create=True)
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.save_timeout_s = save_timeout_s
+    self.save_wait_s = save_wait_s
+    self.failed_saves = 0
+    self._last_requested: Optional[int] = None
+    self._timed_out = ""
+    self._last_error: Optional[BaseException] = None
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host at the step a multi-host preemption notice was synchronised to."""
@@ -83,18 +99,59 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, *, data_state: dict, rng: jax.Array, config_json: str,
-           model_config: CLIPConfig, force: bool = False) -> bool:
-    """Starts saving `step` (every process must call it); returns whether a save started."""
+           model_config: CLIPConfig, force: bool = False, final: bool = False) -> bool:
+    """Starts saving `step` (every process must call it); returns whether a save started.
+
+    final: the run's last save (its end, a preemption): a save still in flight is waited
+    for (at most save_timeout_s) instead of skipping this one."""
     if not force and not self.manager.should_save(step):
       return False
     data_states = distributed.allgather_json(data_state)
+    if final:
+      self._wait_bounded()
+    elif self._in_progress() and (self._wait(self.save_wait_s), self._in_progress())[1]:
+      # (the second look is agreed by every process, as the first)
+      logging.warning("checkpoint: the save of an earlier step is still in progress (slow or "
+                      "unreachable storage); step %d is not saved, the next save is at the "
+                      "next interval", step)
+      self._last_requested = step
+      return False
+    self._report_failed_save()
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({"process_count": len(data_states), "states": data_states}),
         rng=ocp.args.StandardSave({"key_data": np.asarray(jax.random.key_data(rng))}),
         config=ocp.args.JsonSave(json.loads(config_json)),
         model_config=ocp.args.JsonSave(model_config.to_dict()))
-    return self.manager.save(step, args=args, force=force)
+    self._last_requested = step
+    try:
+      return self.manager.save(step, args=args, force=force)
+    except storage.STORAGE_ERRORS as e:  # the synchronous part (directories) failed
+      self._failed(step, e)
+      return False
+
+  def _in_progress(self) -> bool:
+    """Whether a save is in flight on any process (every process decides alike)."""
+    busy = bool(self.manager.is_saving_in_progress())
+    if jax.process_count() > 1:
+      busy = any(distributed.allgather_json(busy))
+    return busy
+
+  def _failed(self, step, error: BaseException) -> None:
+    if error is self._last_error:  # orbax raises a failed save once in every thread that waits
+      return
+    self._last_error = error
+    self.failed_saves += 1
+    logging.error("checkpoint: saving step %s to %s failed (%s); the committed checkpoints "
+                  "are kept (latest: step %s), the next save is at the next interval", step,
+                  self.directory, storage.describe(error), self.latest_step())
+
+  def _report_failed_save(self) -> None:
+    """Reports (once) an asynchronous save that failed since the last call."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed("in flight", e)
 
   def restore(self, step: int, abstract_state, state_shardings):
     """Restores `step` onto the target shardings (any mesh, any device count).
@@ -123,8 +180,63 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits (at most save_timeout_s) for the saves in flight, then closes the manager.
+
+    Raises CheckpointSaveError when the last step asked for is not committed by then."""
+    if self._timed_out:  # a save hangs in the storage client: closing would wait for it
+      raise CheckpointSaveError(self._timed_out)
+    self._wait_bounded()
     self.manager.close()
+    last = self._last_requested
+    if last is not None and last not in self._committed_steps():
+      raise CheckpointSaveError(
+          f"checkpoint: step {last} could not be saved to {self.directory} "
+          f"({self.failed_saves} failed or skipped save(s)); the latest committed "
+          f"checkpoint is step {self._committed_step()}, a restart resumes from there")
+
+  def _wait_bounded(self) -> None:
+    """Waits for the saves in flight, at most save_timeout_s (then CheckpointSaveError); a
+    failed one is reported."""
+    if not self._wait(self.save_timeout_s):
+      self._timed_out = (
+          f"checkpoint: the save of step {self._last_requested} to {self.directory} did not "
+          f"finish within config.storage.save_timeout_s={self.save_timeout_s:g} s; the latest "
+          f"committed checkpoint is step {self._committed_step()}, a restart resumes from there")
+      raise CheckpointSaveError(self._timed_out)
+
+  def _wait(self, timeout_s: float) -> bool:
+    """Waits for the saves in flight, at most timeout_s; False if they are still going. A
+    failed one is reported."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def wait():
+      try:
+        self.manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+      done.set()
+
+    threading.Thread(target=wait, name="clip_jax-checkpoint-wait", daemon=True).start()
+    if not done.wait(timeout_s):
+      return False
+    if errors:
+      self._failed(self._last_requested, errors[0])
+    return True
+
+  def _committed_steps(self) -> list[int]:
+    try:
+      return list(ocp.utils.checkpoint_steps(self.directory))
+    except storage.STORAGE_ERRORS:
+      return []
+
+  def _committed_step(self) -> Optional[int]:
+    steps = self._committed_steps()
+    return max(steps) if steps else None
+
+
+class CheckpointSaveError(RuntimeError):
+  """The run's last checkpoint could not be saved (one line for the user)."""
 
 
 def _resolve_step(path: str) -> tuple[epath.Path, int]:

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional
 
 from etils import epath
 
+from clip_jax import storage
+
 # Peak dense bf16 FLOP/s of one device (a chip; a GPU), from the vendors' data sheets.
 # Matched against jax's `device_kind` by the longest key it contains.
 PEAK_BF16_FLOPS = {
@@ -52,7 +54,7 @@ def model_flops_utilization(flops_per_step: float, step_time_s: float, num_devic
 
 def is_local(path) -> bool:
   """A local filesystem path (not gs://, s3://, ...: those have no append or rename)."""
-  return "://" not in str(path)
+  return not storage.is_remote(path)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -95,12 +97,15 @@ class MetricsWriter:
     progress_bar: a tqdm bar on stderr; False prints one plain line per record.
     wandb_config: {"project", "entity", "name"}; wandb is used when project is set.
     run_config: logged to wandb as the run's config.
+    min_rewrite_interval_s: on an object store (gs://), the least time between two uploads
+      of metrics.jsonl or of an event file.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                is_primary: bool = True, progress_bar: bool = True,
                wandb_config: Optional[Mapping[str, str]] = None,
-               run_config: Optional[Mapping[str, Any]] = None):
+               run_config: Optional[Mapping[str, Any]] = None,
+               min_rewrite_interval_s: float = storage.MIN_REWRITE_INTERVAL_S):
     self.is_primary = is_primary
     self.total_steps = total_steps
     self._start_step = start_step
@@ -108,20 +113,32 @@ class MetricsWriter:
     self._jsonl = self._tb = self._wandb = self._bar = None
     if not is_primary:
       return
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    self.jsonl_path = str(epath.Path(workdir) / "metrics.jsonl")
-    rewind_jsonl(self.jsonl_path, start_step)
-    # Object stores (gs://) cannot append: keep the records and rewrite the file instead.
-    self._remote_records = None
+    self._mirror = None
     if is_local(workdir):
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      self.jsonl_path = str(epath.Path(workdir) / "metrics.jsonl")
+      rewind_jsonl(self.jsonl_path, start_step)
       self._jsonl = open(self.jsonl_path, "a")
+      logdir = workdir
     else:
-      path = epath.Path(self.jsonl_path)
-      self._remote_records = read_jsonl(path) if path.exists() else []
+      # An object store cannot append, and its writes may fail or stall: the records and
+      # the TensorBoard events are written on local disk and copied to the workdir in the
+      # background (each object rewritten at most once per storage.min_rewrite_interval_s).
+      self._mirror = storage.RemoteMirror(workdir, name="metrics",
+                                          min_interval_s=min_rewrite_interval_s)
+      self.jsonl_path = self._mirror.local_path("metrics.jsonl")
+      remote = epath.Path(workdir) / "metrics.jsonl"
+      kept = [r for r in read_jsonl(remote) if r.get("step", 0) <= start_step] if (
+          remote.exists()) else []
+      self._jsonl = open(self.jsonl_path, "w")
+      self._jsonl.write(_jsonl_text(kept))
+      self._jsonl.flush()
+      self._mirror.mark()
+      logdir = self._mirror.local_dir
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # A resumed run re-logs the steps after its checkpoint: TensorBoard hides the earlier
     # run's events from purge_step on (a SessionLog.START event), as rewind_jsonl drops them.
-    self._tb = SummaryWriter(logdir=workdir, flush_secs=30,
+    self._tb = SummaryWriter(logdir=logdir, flush_secs=30,
                              purge_step=start_step + 1 if start_step else None)
     if wandb_config and wandb_config.get("project"):
       try:
@@ -149,12 +166,10 @@ class MetricsWriter:
       if isinstance(value, float) and not math.isfinite(value):
         value = None  # strict JSON has no NaN/Infinity
       record[key] = value
-    if self._remote_records is not None:
-      self._remote_records.append(record)
-      epath.Path(self.jsonl_path).write_text(_jsonl_text(self._remote_records))
-    else:
-      self._jsonl.write(json.dumps(record) + "\n")
-      self._jsonl.flush()
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._mirror is not None:
+      self._mirror.mark()
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
         self._tb.add_scalar(key, value, global_step=step)
@@ -184,6 +199,8 @@ class MetricsWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+    if self._mirror is not None:
+      self._mirror.mark()
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -198,6 +215,9 @@ class MetricsWriter:
     if self._wandb is not None:
       self._wandb.finish()
       self._wandb = None
+    if self._mirror is not None:
+      self._mirror.close()
+      self._mirror = None
 
 
 def _format_seconds(seconds: float) -> str:

@@ -32,6 +32,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from clip_jax import storage
 from clip_jax import distributed  # also defines --coordinator_address/--num_processes/--process_id
 from clip_jax.profiling import StepProfiler
 
@@ -55,6 +56,7 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Write a JAX profiler trace of co
 
 INIT_TOWERS = ("both", "image", "text")
 NAN_EXIT_CODE = 3
+SAVE_FAILED_EXIT_CODE = 5  # the run's last checkpoint could not be saved (storage)
 # The longest run: TrainState.step and optax's step counts are int32.
 MAX_STEPS = int(np.iinfo(np.int32).max)
 
@@ -189,12 +191,19 @@ EVALUATORS = {"synthetic": _SyntheticZeroshot}
 # ----------------------------------------------------------------------------------------------
 def use_compilation_cache(path: str) -> None:
   """JAX's persistent compilation cache at `path` (config.compilation_cache_dir); compiles
-  that take 1 s or more are saved there and loaded by the next run that needs them."""
+  that take 1 s or more are saved there and loaded by the next run that needs them.
+
+  A local dir that cannot be created is a config error; an object store that fails now
+  is only warned about (it may be back later; JAX warns and compiles when a cache read or
+  write fails)."""
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   try:  # JAX itself would only warn, at every compile
     epath.Path(path).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"compilation_cache_dir={path} cannot be created: {e}") from e
+  except storage.STORAGE_ERRORS as e:
+    if not storage.is_remote(path):
+      raise ValueError(f"compilation_cache_dir={path} cannot be created: {e}") from e
+    logging.warning("compilation cache %s is unreachable now (%s); compiling as needed",
+                    path, storage.describe(e))
   if jax.config.jax_compilation_cache_dir != path:
     compilation_cache.set_cache_dir(path)
     compilation_cache.reset_cache()  # JAX opens its cache once, at the first compile
@@ -247,6 +256,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
   validate_config(config)
   config.total_steps = resolve_total_steps(config)
   model_config = step_lib.model_config_from(config)
+  storage.configure_from(config)  # timeouts, before anything reads or writes gs://
   if config.compilation_cache_dir:
     use_compilation_cache(config.compilation_cache_dir)
   logging.info("model %s %s, global batch %d, %d steps, workdir %s", config.model,
@@ -293,7 +303,8 @@ def build_or_restore_state(run: Run, train_iter):
   abstract_state, state_shardings = step_lib.abstract_train_state(config, run.mesh)
   checkpointer = checkpoint_lib.Checkpointer(
       run.workdir, checkpoint_every=config.checkpoint_every,
-      keep_checkpoints=config.keep_checkpoints, keep_every=config.keep_every)
+      keep_checkpoints=config.keep_checkpoints, keep_every=config.keep_every,
+      save_wait_s=config.storage.save_wait_s, save_timeout_s=config.storage.save_timeout_s)
 
   _banner("checkpoint restore")
   rng = jax.random.key(config.seed)
@@ -360,13 +371,18 @@ def open_writer(run: Run, start_step: int):
   return metrics_lib.MetricsWriter(
       run.workdir, total_steps=run.total_steps, start_step=start_step,
       is_primary=run.is_primary, progress_bar=config.progress_bar,
-      wandb_config=config.wandb.to_dict(), run_config=config.to_dict())
+      wandb_config=config.wandb.to_dict(), run_config=config.to_dict(),
+      min_rewrite_interval_s=config.storage.min_rewrite_interval_s)
 
 
 def write_config_json(run: Run) -> None:
   if run.is_primary:
-    (epath.Path(run.workdir) / "config.json").write_text(
-        run.config.to_json_best_effort(indent=2))
+    try:
+      storage.write_text(str(epath.Path(run.workdir) / "config.json"),
+                         run.config.to_json_best_effort(indent=2))
+    except storage.STORAGE_ERRORS as e:  # the checkpoints carry the config too
+      logging.warning("config.json could not be written to %s (%s)", run.workdir,
+                      storage.describe(e))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +430,8 @@ def train_loop(run: Run, state, train_step, *, start_step: int, train_iter, chec
       if eval_due or (step == run.total_steps and config.eval_every >= 0):
         log.evaluate(step, with_batch_stats(state.params, state.batch_stats))
       if save_due:
-        save_checkpoint(run, checkpointer, step, state, train_iter, rng)
+        save_checkpoint(run, checkpointer, step, state, train_iter, rng,
+                        final=preempted or step == run.total_steps)
       if preempted:
         logging.info("preempted: saved step %d, exiting", step)
         break
@@ -535,17 +552,20 @@ class StepLog:
 # ----------------------------------------------------------------------------------------------
 # Save and close.
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(run: Run, checkpointer, step: int, state, train_iter, rng: jax.Array):
+def save_checkpoint(run: Run, checkpointer, step: int, state, train_iter, rng: jax.Array,
+                    final: bool = False):
   """Starts saving `step` (every process calls it): the state, every process's input
-  state, the rng, the config and the model config."""
+  state, the rng, the config and the model config. `final`: the run's last save."""
   checkpointer.save(step, state, data_state=train_iter.get_state(), rng=rng,
                     config_json=run.config.to_json_best_effort(),
-                    model_config=run.model_config, force=True)
+                    model_config=run.model_config, force=True, final=final)
 
 
 def close_run(checkpointer, writer) -> None:
-  checkpointer.close()  # lets the in-flight saves of good steps commit
-  writer.close()
+  try:
+    checkpointer.close()  # lets the in-flight saves of good steps commit (bounded)
+  finally:
+    writer.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,12 +725,18 @@ def main(argv):
     with config.unlocked():
       config.profile_steps = 5
   signal.signal(signal.SIGTERM, _on_sigterm)
+  from clip_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   try:
     train(config, _WORKDIR.value)
   except SetupError as e:
     _fail(e)
   except NonFiniteLossError as e:
     _fail(e, code=NAN_EXIT_CODE)
+  except checkpoint_lib.CheckpointSaveError as e:
+    # A save may still hang in a storage client's thread: exit without waiting for it.
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    pylogging.shutdown()
+    os._exit(SAVE_FAILED_EXIT_CODE)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -98,4 +98,14 @@ def get_config() -> ml_collections.ConfigDict:
   # restarted run loads its compiled step instead of compiling it again (and on a GPU,
   # XLA's autotuning results).
   c.compilation_cache_dir = ""
+  # Cloud Storage (gs://) and other object stores: timeouts on every platform (clip_jax.storage).
+  c.storage = ml_collections.ConfigDict({
+      "low_speed_time_s": 60,        # tensorstore (Orbax's arrays): a transfer below ...
+      "low_speed_limit_bytes": 256,  # ... this many bytes/s for that long is cut off and retried
+      "read_timeout_s": 60.0,        # gcsfs: a read waiting this long for data fails and retries
+      "connect_timeout_s": 30.0,     # gcsfs: opening a connection
+      "min_rewrite_interval_s": 2.0,  # metrics.jsonl/events on gs://: least time between rewrites
+      "save_wait_s": 120.0,          # a save waits this long for the one before it, else skipped
+      "save_timeout_s": 900.0,       # the last checkpoint save of a run: error if not done by then
+  })
   return c

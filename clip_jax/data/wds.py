@@ -24,6 +24,8 @@ from absl import logging
 import grain
 import numpy as np
 
+from clip_jax import storage
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
 
@@ -159,11 +161,14 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
           files = {}
         key = member_key
         files[ext] = tar.extractfile(member).read()
-  except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-    logging.warning("wds shard %s is truncated or unreadable after key %s: %s", shard, key, e)
+  except (tarfile.TarError, EOFError, ValueError, *storage.STORAGE_ERRORS) as e:
+    # A storage error here comes after the client's own retries (gcsfs: 6 attempts).
+    logging.warning("wds shard %s is truncated or unreadable after key %s: %s", shard, key,
+                    storage.describe(e))
     # The group being read (or the shard itself, if nothing was read) is lost: one skip.
     yield key or "<shard start>", {"image": None, "caption": "", "captions": [],
-                                    "error": f"truncated or unreadable tar: {e}"}
+                                    "error": f"truncated or unreadable tar: "
+                                             f"{storage.describe(e)}"}
     return
   if key is not None:
     yield key, _sample_from_files(files)
