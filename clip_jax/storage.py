@@ -86,9 +86,9 @@ def configure(low_speed_time_s: int = LOW_SPEED_TIME_S,
     import fsspec  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
-  gcs = fsspec.config.conf.setdefault("gcs", {})
-  gcs["session_kwargs"] = {"timeout": aiohttp.ClientTimeout(
-      total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)}
+  # gcsfs passes `requests_timeout` to every request (a session-wide timeout is overridden).
+  fsspec.config.conf.setdefault("gcs", {})["requests_timeout"] = aiohttp.ClientTimeout(
+      total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
 
 
 def configure_from(config) -> None:

@@ -681,6 +681,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   config = _load_config()
+  storage.configure_from(config)  # before any storage client (tensorstore reads it once)
   if _TOPOLOGY.value:  # the TPU preflight: compile for a named slice on this host
     if not _DRY_RUN.value:
       _fail("--topology needs --dry_run (it compiles for the slice, it does not train)")

@@ -142,6 +142,7 @@ class FaultProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     self.upstream_port = upstream_port
     self.faults: list[Fault] = []
     self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
+    self.timed_requests: list[tuple[str, str, float]] = []  # (method, path, time.time())
     self._lock = threading.Lock()
     self._closing = threading.Event()
     self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -175,6 +176,7 @@ class FaultProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
   def take_fault(self, method: str, path: str) -> Optional[Fault]:
     with self._lock:
       self.requests.append((method, path))
+      self.timed_requests.append((method, path, time.time()))
       for fault in self.faults:
         if fault.matches(method, path):
           fault.hits += 1

@@ -234,3 +234,166 @@ def test_sigkill_resumes_exactly(gcs, reference):
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert f"at step {steps[-1]}" in proc.stderr
   _assert_same_losses(_losses(workdir), want, steps[-1] + 1)
+
+
+def test_a_persistent_checkpoint_outage_keeps_the_last_checkpoint(gcs, reference):
+  """Every write of steps 16 and 24 fails (503) for good: the run reports it, ends within
+  the bound with one error line, and step 8 stays committed and resumes exactly."""
+  _, want, _ = reference
+  workdir = f"gs://{BUCKET}/outage"
+  gcs.proxy.add("status", status=503, method="POST", times=None,
+                path=r"outage(/|%2F)checkpoints(/|%2F)(16|24)(/|%2F|\.)")
+  start = time.time()
+  proc = _run(gcs, workdir, "--config.checkpoint_every=8", "--config.storage.save_wait_s=2",
+              "--config.storage.save_timeout_s=20")
+  elapsed = time.time() - start
+  assert proc.returncode == 5, proc.stderr[-4000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: checkpoint:") and "step 8" in last, last
+  assert elapsed < 200, elapsed
+  assert _committed_steps(workdir) == [8]
+  assert sorted(_losses(workdir)) == list(range(1, STEPS + 1))  # training was not held up
+
+  gcs.proxy.clear()
+  proc = _run(gcs, workdir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "at step 8" in proc.stderr
+  _assert_same_losses(_losses(workdir), want, 9)
+
+
+def _wds_config(path, batch_size=8):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict({
+      "seed": 0, "batch_size": batch_size,
+      "data": {"source": "wds", "path": path, "name": "", "split": "train", "data_dir": None,
+               "num_workers": 0, "shuffle_buffer": 1, "resample_shards": False,
+               "min_scale": 0.9, "max_scale": 1.0, "image_dtype": "float32",
+               "cycle_length": 1}})
+
+
+@pytest.mark.timeout(240)
+def test_a_persistent_shard_outage_is_skipped_and_counted(gcs):
+  """A shard that answers 503 for good is given up after gcsfs's retries, skipped and
+  counted once; the stream goes on with the other shards."""
+  from clip_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  fault = gcs.proxy.add("status", status=503, path=r"shards(/|%2F)00001\.tar.*alt=media",
+                        times=None)
+  it = pipeline.make_train_iterator(
+      _wds_config(f"gs://{BUCKET}/shards/{{00000..00003}}.tar"), None, image_size=16)
+  batches = 0
+  while it.skipped_samples == 0 and batches < 20:
+    batch = next(it)
+    assert batch["images"].shape == (8, 16, 16, 3)
+    batches += 1
+  extra = [next(it) for _ in range(2)]  # and the stream goes on
+  it.close()
+  assert fault.hits >= 2  # retried before giving up
+  assert it.skipped_samples == 1 and len(extra) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_read_is_cut_off_and_retried(gcs):
+  """gcsfs: a response that stops sending mid-body is cut off by the read timeout
+  (config.storage.read_timeout_s) and the read retried, instead of hanging."""
+  from clip_jax import storage  # pylint: disable=import-outside-toplevel
+  from clip_jax.data import wds  # pylint: disable=import-outside-toplevel
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  storage.configure(read_timeout_s=2.0)
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  try:
+    url = f"gs://{BUCKET}/shards/00002.tar"
+    want = wds.read_bytes(url)
+    fault = gcs.proxy.add("stall", path=r"shards(/|%2F)00002\.tar.*alt=media", times=1,
+                          seconds=60, stall_after=1000)
+    start = time.time()
+    assert wds.read_bytes(url) == want
+    assert fault.hits == 1 and time.time() - start < 30
+  finally:
+    storage.configure()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.mark.timeout(180)
+def test_a_stalled_checkpoint_read_is_cut_off_and_retried(gcs, reference):
+  """tensorstore: its low-speed limits (config.storage.low_speed_time_s, set on every
+  platform) cut off a stalled array read, which it retries."""
+  workdir, _, _ = reference
+  # tensorstore's reads (they carry a `tensorstore=` parameter; gcsfs reads the metadata).
+  fault = gcs.proxy.add("stall", path=r"reference%2Fcheckpoints%2F24%2Fstate.*&tensorstore=",
+                        times=1, seconds=120, stall_after=16)
+  script = ("import sys, time; from clip_jax import storage; "
+            "storage.configure(low_speed_time_s=3, low_speed_limit_bytes=1000); "
+            "import jax; from clip_jax import checkpoint; t = time.time(); "
+            f"params, _ = checkpoint.restore_params({workdir + '/checkpoints/24'!r}); "
+            "print('leaves', len(jax.tree.leaves(params)), 'seconds', time.time() - t)")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(gcs),
+                        capture_output=True, text=True, timeout=170)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert fault.hits == 1
+  seconds = float(proc.stdout.split()[-1])
+  assert seconds < 30, proc.stdout  # the default 60 s would wait out the stall
+
+
+@pytest.mark.timeout(120)
+def test_metric_writes_that_fail_or_stall_never_hold_up_training(gcs):
+  """metrics.jsonl and TensorBoard events on gs://: writes return at once while uploads
+  fail (503) or stall; the records catch up once the store is back, none is lost, and one
+  object is never rewritten faster than min_rewrite_interval_s."""
+  from clip_jax import metrics, storage  # pylint: disable=import-outside-toplevel
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  storage.configure(read_timeout_s=2.0)
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  workdir = f"gs://{BUCKET}/metrics_faults"
+  try:
+    writer = metrics.MetricsWriter(workdir, total_steps=40, progress_bar=False,
+                                   min_rewrite_interval_s=1.0)
+    failing = gcs.proxy.add("status", status=503, method="POST", times=None,
+                            path=r"metrics_faults/")
+    stalling = gcs.proxy.add("stall", method="PUT", times=1, seconds=30)
+    slowest = 0.0
+    for step in range(1, 41):
+      start = time.time()
+      writer.write(step, {"loss": 1.0 / step})
+      slowest = max(slowest, time.time() - start)
+      time.sleep(0.05)
+    assert failing.hits >= 1
+    assert slowest < 0.5, slowest
+    gcs.proxy.clear()
+    writer.close()
+    records = metrics.read_jsonl(f"{workdir}/metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 41))
+    names = [p.rsplit("/", 1)[-1] for p in _fs().ls(workdir.removeprefix("gs://"))]
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    del stalling
+    uploads = [t for m, p, t in gcs.proxy.timed_requests
+               if m == "POST" and "metrics_faults/metrics.jsonl" in p]
+    gaps = np.diff(sorted(uploads))
+    assert len(uploads) >= 2 and gaps.min() >= 0.9, gaps
+  finally:
+    storage.configure()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def test_a_failing_compilation_cache_warns_and_compiles(gcs, reference):
+  _, want, _ = reference
+  workdir = f"gs://{BUCKET}/cache_fails"
+  gcs.proxy.add("status", status=403, times=None, path=r"broken_cache")
+  proc = _run(gcs, workdir, f"--config.compilation_cache_dir=gs://{BUCKET}/broken_cache")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "cache" in proc.stderr.lower() and "warn" in proc.stderr.lower()
+  _assert_same_losses(_losses(workdir), want, 1)
+
+
+def test_init_from_and_restore_read_gs(gcs, reference, tmp_path):
+  """A gs:// checkpoint (what init_from reads) restores to the same parameters as a local
+  copy of it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from clip_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  workdir, _, _ = reference
+  remote, config = checkpoint.restore_params(workdir)
+  _fs().get(workdir.removeprefix("gs://") + "/checkpoints/24", str(tmp_path / "24"),
+            recursive=True)
+  local, local_config = checkpoint.restore_params(str(tmp_path / "24"))
+  assert config == local_config
+  for a, b in zip(jax.tree.leaves(remote), jax.tree.leaves(local)):
+    np.testing.assert_array_equal(a, b)
