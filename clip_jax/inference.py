@@ -24,6 +24,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,9 +153,11 @@ def load(path, *, batch_size: int = 256, dtype: Optional[str] = None,
 
   `dtype` overrides the compute dtype (e.g. "bfloat16" on TPU); parameters keep theirs.
   """
-  path = pathlib.Path(path)
-  to_convert = path.is_file() or (path.is_dir() and not is_converted_dir(path)
-                                  and convert.weights_in_dir(path) is not None)
+  from clip_jax import storage  # pylint: disable=g-import-not-at-top
+  remote = storage.is_remote(path)  # gs://: a converted dir or a trainer workdir/step dir
+  path = epath.Path(path) if remote else pathlib.Path(path)
+  to_convert = not remote and (path.is_file() or (
+      path.is_dir() and not is_converted_dir(path) and convert.weights_in_dir(path) is not None))
   if convert_kwargs and not to_convert:
     raise ValueError(f"{sorted(convert_kwargs)} only apply when loading PyTorch or safetensors "
                      f"weights, and {path} holds none")

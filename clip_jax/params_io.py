@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from clip_jax import storage
 from clip_jax.models import (CLIPConfig, abstract_loaded_params, create_model, scan_params,
                              unscan_params)
 
@@ -41,7 +42,21 @@ def atomic_directory(directory, *, overwrite: bool = False) -> Iterator[pathlib.
   removed if it raises, so a failure leaves nothing at `directory`. Single-process only.
 
   Raises ValueError if `directory` exists and not `overwrite`.
+
+  On an object store (gs://), the dir is filled on local disk, then uploaded with
+  model_config.json last (`is_converted_dir` needs it), and removed if the upload fails.
   """
+  if storage.is_remote(directory):
+    if epath.Path(directory).exists() and not overwrite:
+      raise ValueError(f"{directory} already exists; remove it or pass overwrite=True "
+                       "(--overwrite)")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="clip_jax_upload_"))
+    try:
+      yield tmp
+      storage.upload_dir(str(tmp), str(directory), replace=overwrite, last=(CONFIG_FILE,))
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    return
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise ValueError(f"{directory} already exists; remove it or pass overwrite=True (--overwrite)")

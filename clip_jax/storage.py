@@ -106,33 +106,71 @@ def describe(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes a whole small text file: atomically (a temporary file renamed) on local disk,
-  as one upload on an object store."""
+def join(directory: str, name: str) -> str:
+  """`directory/name` for a local path or a URL (os.path.join would do for local only)."""
+  return f"{str(directory).rstrip('/')}/{name}" if is_remote(directory) else os.path.join(
+      directory, name)
+
+
+def exists(path: str) -> bool:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def is_file(path: str) -> bool:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path).is_file() if is_remote(path) else os.path.isfile(path)
+
+
+def read_text(path: str) -> str:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path).read_text()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a whole file: atomically (a temporary file renamed) on local disk, as one
+  upload (an object appears whole or not at all) on an object store."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if is_remote(path):
-    epath.Path(path).write_text(text)
+    epath.Path(path).write_bytes(data)
     return
   path = str(path).removeprefix("file://")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
+  with open(tmp, "wb") as f:
+    f.write(data)
   os.replace(tmp, path)
 
 
-def upload_dir(local_dir: str, remote_dir: str) -> None:
-  """Copies the files under `local_dir` to `remote_dir` (which must not exist yet or be
-  empty), then writes nothing else; the caller removes `local_dir`."""
+def write_text(path: str, text: str) -> None:
+  """`write_bytes` of UTF-8 text."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def upload_dir(local_dir: str, remote_dir: str, *, replace: bool = False,
+               last: tuple[str, ...] = ()) -> None:
+  """Copies the files under `local_dir` to `remote_dir`, the names in `last` (relative
+  paths, e.g. the file that marks the directory complete) after all the others, so a
+  reader never takes a half-uploaded directory for a whole one. `replace`: an existing
+  `remote_dir` is removed first. An upload that fails removes what it wrote and raises."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   remote = epath.Path(remote_dir)
-  for root, _, files in os.walk(local_dir):
-    for name in sorted(files):
-      source = os.path.join(root, name)
-      target = remote / os.path.relpath(source, local_dir)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      with open(source, "rb") as f:
-        target.write_bytes(f.read())
+  if replace and remote.exists():
+    remote.rmtree()
+  files = sorted(os.path.relpath(os.path.join(root, n), local_dir)
+                 for root, _, names in os.walk(local_dir) for n in names)
+  files = [f for f in files if f not in last] + [f for f in files if f in last]
+  try:
+    for name in files:
+      with open(os.path.join(local_dir, name), "rb") as f:
+        (remote / name).write_bytes(f.read())
+  except BaseException:
+    try:
+      if remote.exists():
+        remote.rmtree()
+    except STORAGE_ERRORS:
+      logging.warning("could not remove the partial upload at %s", remote_dir)
+    raise
 
 
 class RemoteMirror:

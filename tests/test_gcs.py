@@ -397,3 +397,33 @@ def test_init_from_and_restore_read_gs(gcs, reference, tmp_path):
   assert config == local_config
   for a, b in zip(jax.tree.leaves(remote), jax.tree.leaves(local)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_export_and_convert_write_to_gs(gcs, reference, tmp_path, capsys):
+  """evaluate --output_dir, export --output and convert --output on gs://; the exported
+  model converted back (into gs://) holds the checkpoint's parameters."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from clip_jax import checkpoint, convert, export  # pylint: disable=import-outside-toplevel
+  from clip_jax.evaluate.__main__ import main  # pylint: disable=import-outside-toplevel
+  workdir, _, _ = reference
+  fs = _fs()
+  out = f"gs://{BUCKET}/eval"
+  assert main(["--checkpoint", workdir, "--suite", "zeroshot:synthetic", "--output_dir", out,
+               "--num_examples", "24", "--batch_size", "8", "--no_progress"]) == 0
+  names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("gs://")))
+  assert {"summary.json", "summary.md", "summary.png"} <= set(names), names
+  summary = json.loads(fs.cat(out.removeprefix("gs://") + "/summary.json"))
+  assert summary["checkpoint"] == workdir and summary["rows"]
+
+  exported = f"gs://{BUCKET}/export_hf"
+  export.export(workdir, exported, fmt="hf")
+  with pytest.raises(ValueError, match="already exists"):
+    export.export(workdir, exported, fmt="hf")
+  fs.get(exported.removeprefix("gs://"), str(tmp_path / "hf"), recursive=True)
+  converted = f"gs://{BUCKET}/converted"
+  convert.convert(str(tmp_path / "hf"), converted, source="hf")
+  back, _ = checkpoint.restore_params(converted)
+  want, _ = checkpoint.restore_params(workdir)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=0, atol=0)

@@ -346,8 +346,10 @@ def convert(input_path, output_dir, *, source: str, model: Optional[str] = None,
             act: Optional[str] = None, overwrite: bool = False,
             notify: Callable[[str], None] = _log_note) -> CLIPConfig:
   """Converts `input_path` and writes `output_dir` atomically. Returns the model config."""
-  output_dir = pathlib.Path(output_dir)
-  if output_dir.exists() and not overwrite:  # fail before the (slow) conversion
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from clip_jax import storage  # pylint: disable=g-import-not-at-top
+  output_dir = str(output_dir) if storage.is_remote(output_dir) else pathlib.Path(output_dir)
+  if epath.Path(output_dir).exists() and not overwrite:  # fail before the (slow) conversion
     raise ValueError(f"--output {output_dir} already exists; remove it or pass --overwrite")
   params, config = convert_file(input_path, source=source, model=model, act=act, notify=notify)
   save_params(output_dir, params, config, overwrite=overwrite)

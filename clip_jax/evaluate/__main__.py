@@ -29,12 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 
 import jax
 
-from clip_jax import distributed
+from clip_jax import distributed, storage
 from clip_jax.evaluate.runner import (SYNTHETIC_DEFAULT_CAPTIONS, SYNTHETIC_DEFAULT_EXAMPLES,
                                       TASKS, Options)
 
@@ -87,7 +86,7 @@ def parse_args(argv):
 
 def _validate_common(args) -> None:
   path = args.checkpoint or args.workdir
-  if not os.path.exists(path):
+  if not storage.exists(path):
     flag = "--checkpoint" if args.checkpoint else "--workdir"
     raise ValueError(f"{flag} {path} does not exist; pass a converted model dir, a training "
                      "workdir or a checkpoints/<step> dir")
@@ -197,7 +196,7 @@ def main(argv=None) -> int:
     validate_args(args)
     if args.suite is not None:
       run_suite(args)
-      print(pathlib.Path(args.output_dir, "summary.md").read_text()
+      print(storage.read_text(storage.join(args.output_dir, "summary.md"))
             if jax.process_index() == 0 else "", end="")
       return 0
     results = evaluate(args)
@@ -208,9 +207,7 @@ def main(argv=None) -> int:
   text = json.dumps(results, indent=2)
   print(text)
   if args.output and jax.process_index() == 0:
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text + "\n")
+    storage.write_text(args.output, text + "\n")  # local (folders made) or gs://
   return 0
 
 

@@ -12,6 +12,8 @@ from typing import Optional
 
 import numpy as np
 
+from clip_jax import storage
+
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
          "linear_probe": "linear_probe"}
 SYNTHETIC_DEFAULT_EXAMPLES = 1000
@@ -37,6 +39,12 @@ class Options:
 
 def checkpoint_id(path: str) -> str:
   # Path plus modification time: a rewritten checkpoint never reuses a cached classifier.
+  if storage.is_remote(path):  # an object store: the newest time of its top-level entries
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fs, root = fsspec.core.url_to_fs(path)
+    entries = fs.ls(root, detail=True)
+    stamp = max((str(e.get("updated") or e.get("mtime") or "") for e in entries), default="")
+    return f"{path}@{len(entries)}:{stamp}"
   path = os.path.abspath(path)
   return f"{path}@{os.path.getmtime(path)}"
 
@@ -121,7 +129,8 @@ class Evaluator:
     else:
       raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return {"dataset": dataset, "model": self.model_config.name, "task": TASKS[task],
-            "metrics": metrics, "checkpoint": os.path.abspath(self.path),
+            "metrics": metrics,
+            "checkpoint": self.path if storage.is_remote(self.path) else os.path.abspath(self.path),
             "split": "synthetic" if kind == "synthetic" else split,
             "num_examples": int(num_examples), **extra}
 

@@ -14,6 +14,7 @@ import os
 import re
 from typing import Optional
 
+from clip_jax import storage
 from clip_jax.evaluate import runner
 
 
@@ -198,7 +199,7 @@ def run_suite(evaluator: runner.Evaluator, suite: str, opts: runner.Options,
   from clip_jax.evaluate import summary
   items = [resolve(task, entry, opts) for task, entry in parse_suite(suite)]
   primary = jax.process_index() == 0
-  if primary:
+  if primary and not storage.is_remote(output_dir):
     os.makedirs(output_dir, exist_ok=True)
   results, skipped = [], []
   bar = tqdm(items, desc="datasets", unit="dataset", disable=not (progress and primary))
@@ -218,9 +219,9 @@ def run_suite(evaluator: runner.Evaluator, suite: str, opts: runner.Options,
                       "reason": " ".join(str(e).split()), "how_to": ""})
       continue
     file_name = f"{slug(item.name)}_{item.task}.json"
-    if primary:
-      with open(os.path.join(output_dir, file_name), "w") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
+    if primary:  # local or gs:// (clip_jax.storage)
+      storage.write_text(storage.join(output_dir, file_name), json.dumps(result, indent=2) + "\n")
     results.append({"name": item.name, "file": file_name, "result": result})
   return summary.build(results, skipped, suite=suite, model=evaluator.model_config.name,
-                       checkpoint=os.path.abspath(evaluator.path))
+                       checkpoint=(evaluator.path if storage.is_remote(evaluator.path)
+                                   else os.path.abspath(evaluator.path)))

@@ -8,9 +8,12 @@ variant's top-1 and their mean against ImageNet's, as the CLIP paper reports the
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Optional
+
+from clip_jax import storage
 
 ROW_METRICS = {
     "zeroshot_classification": ("acc1", "acc5"),
@@ -140,28 +143,27 @@ def chart(summary: dict, path: str, other: Optional[dict] = None) -> None:
   ax.set_title(f"{summary['suite']}")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def load(output_dir: str) -> dict:
   """A previous suite's summary.json (for --compare); ValueError (one line) if absent."""
-  path = os.path.join(output_dir, "summary.json")
-  if not os.path.isfile(path):
+  path = storage.join(output_dir, "summary.json")
+  if not storage.is_file(path):
     raise ValueError(f"--compare {output_dir} has no summary.json; pass the --output_dir of "
                      "an earlier --suite run")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def write(summary: dict, output_dir: str, other: Optional[dict] = None) -> None:
   """OUT/summary.json, OUT/summary.md and OUT/summary.png."""
-  os.makedirs(output_dir, exist_ok=True)
   if other is not None:
     summary = {**summary, "compare": {"checkpoint": other["checkpoint"], "model": other["model"],
                                       "rows": other["rows"]}}
-  with open(os.path.join(output_dir, "summary.json"), "w") as f:
-    f.write(json.dumps(summary, indent=2) + "\n")
-  with open(os.path.join(output_dir, "summary.md"), "w") as f:
-    f.write(markdown(summary, other))
-  chart(summary, os.path.join(output_dir, "summary.png"), other)
+  storage.write_text(storage.join(output_dir, "summary.json"),
+                     json.dumps(summary, indent=2) + "\n")
+  storage.write_text(storage.join(output_dir, "summary.md"), markdown(summary, other))
+  chart(summary, storage.join(output_dir, "summary.png"), other)
