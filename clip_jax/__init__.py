@@ -1,4 +1,7 @@
 """clip_jax: train and evaluate CLIP in JAX/Flax, from one chip to a pod."""
+# First, before anything starts a JAX backend: no libtpu start-up on a host without a TPU.
+from clip_jax import platforms as _platforms
+_platforms.skip_absent_tpu()
 from clip_jax.models import CLIP, CLIPConfig, MODEL_CONFIGS, create_model, get_model_config
 # Imported eagerly: a lazy attribute named like its submodule would be replaced by the module
 # as soon as anything imports clip_jax.preprocess.

@@ -7,6 +7,9 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# tests/test_gcs.py's local GCS server has no hierarchical namespaces: without this, gcsfs
+# (which reads it when first imported, by any test module) probes each bucket for them.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pytest  # noqa: E402
 

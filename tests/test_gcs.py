@@ -40,13 +40,18 @@ def gcs(tmp_path_factory):
   saved = dict(os.environ)
   os.environ.update(server.env(str(root)))
   os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+  import fsspec  # pylint: disable=import-outside-toplevel
   import gcsfs  # pylint: disable=import-outside-toplevel
+  # fsspec read FSSPEC_GCS_TOKEN when it was imported (collection): anonymous from here on.
+  saved_conf = dict(fsspec.config.conf.get("gcs", {}))
+  fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
   gcsfs.GCSFileSystem.clear_instance_cache()
   try:
     _upload_shards(server)
     yield server
   finally:
     server.stop()
+    fsspec.config.conf["gcs"] = saved_conf
     gcsfs.GCSFileSystem.clear_instance_cache()
     os.environ.clear()
     os.environ.update(saved)
@@ -222,9 +227,10 @@ def test_sigkill_resumes_exactly(gcs, reference):
   _, want, _ = reference
   workdir = f"gs://{BUCKET}/sigkill"
   # Slower shard reads keep the run going while the first checkpoint commits.
-  gcs.proxy.add("delay", path=r"shards.*alt=media", times=None, seconds=0.3)
+  gcs.proxy.add("delay", path=r"shards.*alt=media", times=None, seconds=1.0)
   proc, out, err = _start(gcs, workdir)
-  assert _wait_for(lambda: 4 in _committed_steps(workdir), proc=proc), "".join(err)[-3000:]
+  marker = f"{workdir.removeprefix('gs://')}/checkpoints/4/commit_success.txt"
+  assert _wait_for(lambda: _fs().exists(marker), proc=proc), "".join(err)[-3000:]
   proc.kill()
   proc.wait(timeout=60)
   steps = _committed_steps(workdir)
@@ -427,3 +433,69 @@ def test_evaluate_export_and_convert_write_to_gs(gcs, reference, tmp_path, capsy
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=0, atol=0)
+
+
+def test_csv_and_files_sources_read_gs_and_cache_the_index_there(gcs, tmp_path):
+  """The csv and files sources on gs:// give the batches they give from a local copy, and
+  the files source's index cache lives in a gs:// workdir."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from clip_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  local = tmp_path / "tree"
+  rows = ["filepath\ttitle"]
+  for i in range(8):
+    folder = local / f"{i // 4:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(folder / f"{i:09d}.png")
+    (folder / f"{i:09d}.txt").write_text(f"caption {i}")
+    rows.append(f"{i // 4:05d}/{i:09d}.png\tcaption {i}")
+  (local / "index.tsv").write_text("\n".join(rows) + "\n")
+  _fs().put(str(local), f"{BUCKET}/tree", recursive=True)
+
+  def config(source, path):
+    return ml_collections.ConfigDict({
+        "seed": 3, "batch_size": 4,
+        "data": {"source": source, "path": path, "name": "", "split": "train",
+                 "data_dir": None, "num_workers": 0, "min_scale": 0.5, "max_scale": 1.0,
+                 "image_dtype": "uint8", "num_threads": 2, "csv_image_key": "filepath",
+                 "csv_caption_key": "title", "csv_separator": "\t"}})
+
+  def batches(cfg, cache_dir):
+    pipeline.validate_data_config(cfg)
+    it = pipeline.make_train_iterator(cfg, None, image_size=16, cache_dir=cache_dir)
+    out = [next(it) for _ in range(4)]
+    assert it.skipped_samples == 0
+    it.close()
+    return out
+
+  for source, remote, copy in (("csv", f"gs://{BUCKET}/tree/index.tsv", local / "index.tsv"),
+                               ("files", f"gs://{BUCKET}/tree", local)):
+    got = batches(config(source, remote), f"gs://{BUCKET}/index_cache")
+    want = batches(config(source, str(copy)), str(tmp_path / "cache"))
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g["images"], w["images"])
+      np.testing.assert_array_equal(g["tokens"], w["tokens"])
+  cached = [p.rsplit("/", 1)[-1] for p in _fs().ls(f"{BUCKET}/index_cache")]
+  assert len(cached) == 1 and cached[0].startswith("files_index_"), cached
+
+
+def test_the_two_process_rehearsal_runs_on_a_gs_workdir(gcs):
+  """launch/local.py: 2 processes x 1 device over gloo, training from and into gs://; every
+  process's input state in the checkpoints, one metrics writer; a rerun resumes in place."""
+  workdir = f"gs://{BUCKET}/two_process"
+  command = [sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
+             "--devices-per-process", "1", "--", *_command(workdir, "--config.total_steps=8",
+                                                        "--config.keep_every=0")]
+  proc = subprocess.run(command, cwd=REPO, env=_env(gcs), capture_output=True, text=True,
+                        timeout=400)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert _committed_steps(workdir) == [4, 8]
+  assert sorted(_losses(workdir)) == list(range(1, 9))
+  data = json.loads(_fs().cat(workdir.removeprefix("gs://") + "/checkpoints/8/data/metadata"))
+  assert data["process_count"] == 2 and len(data["states"]) == 2
+  events = [p for p in _fs().ls(workdir.removeprefix("gs://")) if "tfevents" in p]
+  assert len(events) == 1, events
+  proc = subprocess.run(command, cwd=REPO, env=_env(gcs), capture_output=True, text=True,
+                        timeout=400)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert "at step 8" in proc.stdout + proc.stderr
