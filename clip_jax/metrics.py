@@ -110,10 +110,9 @@ class MetricsWriter:
     self.total_steps = total_steps
     self._start_step = start_step
     self._start_time = time.time()
-    self._jsonl = self._tb = self._wandb = self._bar = None
+    self._jsonl = self._tb = self._wandb = self._bar = self._mirror = None
     if not is_primary:
       return
-    self._mirror = None
     if is_local(workdir):
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       self.jsonl_path = str(epath.Path(workdir) / "metrics.jsonl")
