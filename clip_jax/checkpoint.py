@@ -126,7 +126,7 @@ class Checkpointer:
     self._last_requested = step
     try:
       return self.manager.save(step, args=args, force=force)
-    except storage.STORAGE_ERRORS as e:  # the synchronous part (directories) failed
+    except storage.errors() as e:  # the synchronous part (directories) failed
       self._failed(step, e)
       return False
 
@@ -227,7 +227,7 @@ class Checkpointer:
   def _committed_steps(self) -> list[int]:
     try:
       return list(ocp.utils.checkpoint_steps(self.directory))
-    except storage.STORAGE_ERRORS:
+    except storage.errors():
       return []
 
   def _committed_step(self) -> Optional[int]:

@@ -3,7 +3,7 @@
 - `configure`: timeouts for every client, on every platform. JAX sets tensorstore's
   low-speed limits (which cut off a stalled transfer so that it is retried) only on a TPU
   VM; gcsfs has no read timeout of its own. Both are set here from `config.storage`.
-- `STORAGE_ERRORS`: what a failed read or write raises once the client's own retries are
+- `errors()`: what a failed read or write raises once the client's own retries are
   spent (gcsfs's HttpError and aiohttp's errors are not OSErrors), so that callers skip,
   count or report it instead of crashing.
 - `write_text`: a whole small file, atomically on local disk (an object store's upload of
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -40,32 +41,19 @@ def is_remote(path) -> bool:
   return "://" in path and not path.startswith("file://")
 
 
-def _storage_errors() -> tuple[type[BaseException], ...]:
-  errors: list[type[BaseException]] = [OSError, TimeoutError]
-  try:
-    from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
-    errors.append(HttpError)
-  except ImportError:
-    pass
-  try:
-    import aiohttp  # pylint: disable=g-import-not-at-top
-    errors.append(aiohttp.ClientError)
-  except ImportError:
-    pass
-  try:
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    errors.append(exceptions.GoogleAPIError)
-  except ImportError:
-    pass
-  try:
-    from google.auth import exceptions as auth_exceptions  # pylint: disable=g-import-not-at-top
-    errors.append(auth_exceptions.TransportError)
-  except ImportError:
-    pass
-  return tuple(errors)
-
-
-STORAGE_ERRORS = _storage_errors()
+def errors() -> tuple[type[BaseException], ...]:
+  """What a failed read or write of any loaded storage client raises: OSError, and the
+  error types of gcsfs, aiohttp and google's clients among the modules already imported
+  (a client that was never imported raised nothing; importing them here would cost every
+  command most of a second). Use as `except storage.errors() as e:`."""
+  found: list[type[BaseException]] = [OSError]
+  for module, name in (("gcsfs.retry", "HttpError"), ("aiohttp", "ClientError"),
+                       ("google.api_core.exceptions", "GoogleAPIError"),
+                       ("google.auth.exceptions", "TransportError")):
+    error = getattr(sys.modules.get(module), name, None)
+    if isinstance(error, type) and issubclass(error, BaseException):
+      found.append(error)
+  return tuple(found)
 
 
 def configure(low_speed_time_s: int = LOW_SPEED_TIME_S,
@@ -168,7 +156,7 @@ def upload_dir(local_dir: str, remote_dir: str, *, replace: bool = False,
     try:
       if remote.exists():
         remote.rmtree()
-    except STORAGE_ERRORS:
+    except errors():
       logging.warning("could not remove the partial upload at %s", remote_dir)
     raise
 
@@ -262,7 +250,7 @@ class RemoteMirror:
           continue
       try:
         self._upload(name, stat)
-      except STORAGE_ERRORS as e:
+      except errors() as e:
         self.failures += 1
         if self.failures == 1 or self.failures % 10 == 0:
           logging.warning("%s: copying %s to %s failed (%s); retrying in %.0f s, training "

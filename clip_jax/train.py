@@ -199,7 +199,7 @@ def use_compilation_cache(path: str) -> None:
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   try:  # JAX itself would only warn, at every compile
     epath.Path(path).mkdir(parents=True, exist_ok=True)
-  except storage.STORAGE_ERRORS as e:
+  except storage.errors() as e:
     if not storage.is_remote(path):
       raise ValueError(f"compilation_cache_dir={path} cannot be created: {e}") from e
     logging.warning("compilation cache %s is unreachable now (%s); compiling as needed",
@@ -380,7 +380,7 @@ def write_config_json(run: Run) -> None:
     try:
       storage.write_text(str(epath.Path(run.workdir) / "config.json"),
                          run.config.to_json_best_effort(indent=2))
-    except storage.STORAGE_ERRORS as e:  # the checkpoints carry the config too
+    except storage.errors() as e:  # the checkpoints carry the config too
       logging.warning("config.json could not be written to %s (%s)", run.workdir,
                       storage.describe(e))
 

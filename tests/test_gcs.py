@@ -355,22 +355,25 @@ def test_metric_writes_that_fail_or_stall_never_hold_up_training(gcs):
                                    min_rewrite_interval_s=1.0)
     failing = gcs.proxy.add("status", status=503, method="POST", times=None,
                             path=r"metrics_faults/")
-    stalling = gcs.proxy.add("stall", method="PUT", times=1, seconds=30)
     slowest = 0.0
     for step in range(1, 41):
+      if step == 21:  # the outage ends; the next upload stalls (cut off by gcsfs's timeout)
+        gcs.proxy.clear()
+        stalling = gcs.proxy.add("stall", method="POST", path=r"metrics_faults/", times=1,
+                                 seconds=30)
       start = time.time()
       writer.write(step, {"loss": 1.0 / step})
       slowest = max(slowest, time.time() - start)
       time.sleep(0.05)
     assert failing.hits >= 1
     assert slowest < 0.5, slowest
-    gcs.proxy.clear()
     writer.close()
+    gcs.proxy.clear()
     records = metrics.read_jsonl(f"{workdir}/metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 41))
     names = [p.rsplit("/", 1)[-1] for p in _fs().ls(workdir.removeprefix("gs://"))]
     assert any(n.startswith("events.out.tfevents") for n in names)
-    del stalling
+    assert stalling.hits == 1  # the first upload after the outage stalled and was retried
     uploads = [t for m, p, t in gcs.proxy.timed_requests
                if m == "POST" and "metrics_faults/metrics.jsonl" in p]
     gaps = np.diff(sorted(uploads))
@@ -479,6 +482,7 @@ def test_csv_and_files_sources_read_gs_and_cache_the_index_there(gcs, tmp_path):
   assert len(cached) == 1 and cached[0].startswith("files_index_"), cached
 
 
+@pytest.mark.slow  # ~45 s; the faults and single-process resume above are in the default suite
 def test_the_two_process_rehearsal_runs_on_a_gs_workdir(gcs):
   """launch/local.py: 2 processes x 1 device over gloo, training from and into gs://; every
   process's input state in the checkpoints, one metrics writer; a rerun resumes in place."""

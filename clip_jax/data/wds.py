@@ -161,7 +161,7 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
           files = {}
         key = member_key
         files[ext] = tar.extractfile(member).read()
-  except (tarfile.TarError, EOFError, ValueError, *storage.STORAGE_ERRORS) as e:
+  except (tarfile.TarError, EOFError, ValueError, *storage.errors()) as e:
     # A storage error here comes after the client's own retries (gcsfs: 6 attempts).
     logging.warning("wds shard %s is truncated or unreadable after key %s: %s", shard, key,
                     storage.describe(e))
