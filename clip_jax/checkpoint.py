@@ -109,8 +109,7 @@ class Checkpointer:
     data_states = distributed.allgather_json(data_state)
     if final:
       self._wait_bounded()
-    elif self._in_progress() and (self._wait(self.save_wait_s), self._in_progress())[1]:
-      # (the second look is agreed by every process, as the first)
+    elif self._still_saving_after(self.save_wait_s):
       logging.warning("checkpoint: the save of an earlier step is still in progress (slow or "
                       "unreachable storage); step %d is not saved, the next save is at the "
                       "next interval", step)
@@ -129,6 +128,14 @@ class Checkpointer:
     except storage.errors() as e:  # the synchronous part (directories) failed
       self._failed(step, e)
       return False
+
+  def _still_saving_after(self, timeout_s: float) -> bool:
+    """Whether a save in flight is still going after waiting for it up to timeout_s (every
+    process answers alike)."""
+    if not self._in_progress():
+      return False
+    self._wait(timeout_s)
+    return self._in_progress()
 
   def _in_progress(self) -> bool:
     """Whether a save is in flight on any process (every process decides alike)."""
