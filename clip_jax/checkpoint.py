@@ -58,8 +58,9 @@ class Checkpointer:
   A save that fails (storage errors past the clients' retries) never touches the steps
   already committed: it is reported in one line and the next save comes at the next
   interval; a save still in flight (a slow or stalled store) is waited for at most
-  save_wait_s, then the next one is skipped, so training never blocks long on storage. `close` raises
-  CheckpointSaveError if the last step asked for is not committed within save_timeout_s.
+  save_wait_s, then the next one is skipped, so training never blocks long on storage.
+  `close` raises CheckpointSaveError if the last step asked for is not committed within
+  save_timeout_s.
   """
 
   def __init__(self, workdir: str, *, checkpoint_every: int, keep_checkpoints: int,

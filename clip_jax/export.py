@@ -30,16 +30,15 @@ import pathlib
 import sys
 from typing import Optional
 
-from etils import epath
 import jax
 import ml_dtypes
 import numpy as np
 
-from clip_jax import checkpoint, convert, storage
+from clip_jax import checkpoint, convert
 from clip_jax.convert import blocks
 from clip_jax.convert.readers import import_torch
 from clip_jax.models import MODEL_CONFIGS, OPENAI_MEAN, OPENAI_STD, CLIPConfig, open_clip_name
-from clip_jax.params_io import atomic_directory
+from clip_jax.params_io import atomic_directory, output_dir_path
 from clip_jax.tokenizer import EOT, SOT, default_tokenizer
 
 FORMATS = ("hf", "open_clip", "openai")
@@ -259,9 +258,7 @@ def export(checkpoint_path, output_dir, *, fmt: str, dtype: str = "float32",
   if pt and fmt != "open_clip":
     raise ValueError(f"--pt applies to --format open_clip only (--format {fmt} writes "
                      f"{'model.pt always' if fmt == 'openai' else 'safetensors'})")
-  output_dir = str(output_dir) if storage.is_remote(output_dir) else pathlib.Path(output_dir)
-  if epath.Path(output_dir).exists() and not overwrite:  # fail before the (slow) read
-    raise ValueError(f"--output {output_dir} already exists; remove it or pass --overwrite")
+  output_dir = output_dir_path(output_dir, overwrite=overwrite)  # fail before the (slow) read
   if fmt == "openai" or pt:
     import_torch(f"{OPENAI_WEIGHTS if fmt == 'openai' else OPEN_CLIP_PT} (a PyTorch file)")
   state, config = read_checkpoint(checkpoint_path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Mapping, Optional
@@ -66,19 +65,17 @@ def _jsonl_text(records) -> str:
   return "".join(json.dumps(record) + "\n" for record in records)
 
 
+def records_through(path, last_step: int) -> list[dict]:
+  """The records of `path` up to `last_step` (none if it does not exist)."""
+  if not epath.Path(path).exists():
+    return []
+  return [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+
+
 def rewind_jsonl(path, last_step: int) -> None:
   """Drops records after `last_step`: a resumed run re-logs the steps it repeats."""
-  path = epath.Path(path)
-  if not path.exists():
-    return
-  kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-  if not is_local(path):
-    path.write_text(_jsonl_text(kept))
-    return
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(_jsonl_text(kept))
-  os.replace(tmp, path)
+  if epath.Path(path).exists():
+    storage.write_text(str(path), _jsonl_text(records_through(path, last_step)))
 
 
 def _to_python(value):
@@ -126,9 +123,7 @@ class MetricsWriter:
       self._mirror = storage.RemoteMirror(workdir, name="metrics",
                                           min_interval_s=min_rewrite_interval_s)
       self.jsonl_path = self._mirror.local_path("metrics.jsonl")
-      remote = epath.Path(workdir) / "metrics.jsonl"
-      kept = [r for r in read_jsonl(remote) if r.get("step", 0) <= start_step] if (
-          remote.exists()) else []
+      kept = records_through(epath.Path(workdir) / "metrics.jsonl", start_step)
       self._jsonl = open(self.jsonl_path, "w")
       self._jsonl.write(_jsonl_text(kept))
       self._jsonl.flush()

@@ -36,6 +36,15 @@ def is_converted_dir(path) -> bool:
   return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def output_dir_path(output_dir, *, overwrite: bool = False):
+  """`output_dir` as a path (a URL stays a string); ValueError (one line) if it exists and
+  not `overwrite`. For the CLIs, before their slow work: `atomic_directory` checks again."""
+  path = str(output_dir) if storage.is_remote(output_dir) else pathlib.Path(output_dir)
+  if epath.Path(path).exists() and not overwrite:
+    raise ValueError(f"--output {path} already exists; remove it or pass --overwrite")
+  return path
+
+
 @contextlib.contextmanager
 def atomic_directory(directory, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
   """Yields a temporary dir beside `directory` to fill; renamed into place when the block ends,

@@ -53,9 +53,9 @@ def host_platforms() -> list[str]:
   """The non-TPU platforms this host can run: a GPU's when its JAX plugin and its device
   files are present, then the CPU."""
   platforms = []
-  if any(os.path.exists(d) for d in NVIDIA_DEVICES) and _has_plugin("jax_cuda12_plugin", "jax_cuda13_plugin",
-                                                     "jax_plugins.xla_cuda12",
-                                                     "jax_plugins.xla_cuda13"):
+  if any(os.path.exists(d) for d in NVIDIA_DEVICES) and _has_plugin(
+      "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12",
+      "jax_plugins.xla_cuda13"):
     platforms.append("cuda")
   if os.path.exists("/dev/kfd") and _has_plugin("jax_rocm60_plugin", "jax_rocm7_plugin",
                                                 "jax_plugins.xla_rocm60",

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional
 
 # The defaults of config.storage (configs/common.py): JAX's TPU values for tensorstore.
 LOW_SPEED_TIME_S = 60
@@ -100,6 +99,11 @@ def join(directory: str, name: str) -> str:
       directory, name)
 
 
+def absolute(path: str) -> str:
+  """An absolute local path, or the URL as it is."""
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
 def exists(path: str) -> bool:
   from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
@@ -167,11 +171,8 @@ class RemoteMirror:
   Each changed file is uploaded whole (an object store cannot append), at most once per
   `min_interval_s` per file, so that one object is never rewritten faster than GCS allows.
   A failed upload is logged (the first one and then every tenth) and retried at the next
-  round; the caller never waits for the network. `sync` waits for one round (bounded);
-  `close` uploads what is left, for at most `close_timeout_s`.
-
-  A record in a staged file is on the remote store once a round after it was written
-  succeeds: `synced_size(name)` says how many bytes of a file the remote copy holds.
+  round; the caller never waits for the network. `close` uploads what is left, for at
+  most `close_timeout_s`.
   """
 
   def __init__(self, remote_dir: str, *, min_interval_s: float = MIN_REWRITE_INTERVAL_S,
@@ -187,8 +188,6 @@ class RemoteMirror:
     self._last_upload: dict[str, float] = {}
     self._wake = threading.Event()
     self._stop = threading.Event()
-    self._round_done = threading.Condition()
-    self._rounds = 0
     self._thread = threading.Thread(target=self._run, name=f"clip_jax-{name}-mirror",
                                     daemon=True)
     self._thread.start()
@@ -196,20 +195,9 @@ class RemoteMirror:
   def local_path(self, name: str) -> str:
     return os.path.join(self.local_dir, name)
 
-  def synced_size(self, name: str) -> int:
-    return self._uploaded.get(name, (0, 0.0))[0]
-
   def mark(self) -> None:
     """Something changed: upload it when the interval allows."""
     self._wake.set()
-
-  def sync(self, timeout_s: Optional[float] = None) -> bool:
-    """Waits until a round that started after this call has finished (True), or timeout."""
-    timeout_s = self.close_timeout_s if timeout_s is None else timeout_s
-    with self._round_done:
-      target = self._rounds + 2  # the round in progress may have missed the latest writes
-      self._wake.set()
-      return self._round_done.wait_for(lambda: self._rounds >= target, timeout=timeout_s)
 
   def pending(self) -> list[str]:
     return [name for name, stat in self._local_files().items()
@@ -263,9 +251,6 @@ class RemoteMirror:
   def _run(self) -> None:
     while not self._stop.is_set():
       wait = self._round()
-      with self._round_done:
-        self._rounds += 1
-        self._round_done.notify_all()
       self._wake.wait(timeout=min(wait, 5.0))
       self._wake.clear()
 

@@ -44,7 +44,7 @@ from absl import logging
 from clip_jax.convert import readers, resnet, text, vit
 from clip_jax.convert.readers import (HF_ACTS, _is_torchscript, read_sharded,  # noqa: F401
                                       read_state_dict, weights_in_dir)
-from clip_jax.params_io import save_params
+from clip_jax.params_io import output_dir_path, save_params
 from clip_jax.models import (BATCH_STATS, MODEL_CONFIGS, CLIPConfig, abstract_loaded_params,
                              create_model, get_model_config, open_clip_name, resolve_model_name,
                              scan_params, unscan_params)
@@ -346,11 +346,7 @@ def convert(input_path, output_dir, *, source: str, model: Optional[str] = None,
             act: Optional[str] = None, overwrite: bool = False,
             notify: Callable[[str], None] = _log_note) -> CLIPConfig:
   """Converts `input_path` and writes `output_dir` atomically. Returns the model config."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from clip_jax import storage  # pylint: disable=g-import-not-at-top
-  output_dir = str(output_dir) if storage.is_remote(output_dir) else pathlib.Path(output_dir)
-  if epath.Path(output_dir).exists() and not overwrite:  # fail before the (slow) conversion
-    raise ValueError(f"--output {output_dir} already exists; remove it or pass --overwrite")
+  output_dir = output_dir_path(output_dir, overwrite=overwrite)  # before the slow conversion
   params, config = convert_file(input_path, source=source, model=model, act=act, notify=notify)
   save_params(output_dir, params, config, overwrite=overwrite)
   return config

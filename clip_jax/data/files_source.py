@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from clip_jax import storage
 from clip_jax.data import wds
 
 IMAGE_EXTENSIONS = tuple("." + e for e in wds.IMAGE_EXTENSIONS)
@@ -84,13 +85,9 @@ def _read_cache(cache_file: str, roots: list[str]) -> Optional[dict]:
 
 
 def _write_cache(cache_file: str, index: dict) -> None:
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  target = epath.Path(cache_file)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Written whole then renamed: a reader (another process, a restart) never sees half of it.
-  partial = target.parent / f"{target.name}.{os.getpid()}.tmp"
-  partial.write_text(json.dumps(index))
-  partial.rename(target)
+  # Atomic (renamed into place locally, one upload on gs://): a reader (another process, a
+  # restart) never sees half of it.
+  storage.write_text(cache_file, json.dumps(index))
 
 
 @functools.lru_cache(maxsize=4)

@@ -130,7 +130,7 @@ class Evaluator:
       raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return {"dataset": dataset, "model": self.model_config.name, "task": TASKS[task],
             "metrics": metrics,
-            "checkpoint": self.path if storage.is_remote(self.path) else os.path.abspath(self.path),
+            "checkpoint": storage.absolute(self.path),
             "split": "synthetic" if kind == "synthetic" else split,
             "num_examples": int(num_examples), **extra}
 

@@ -223,5 +223,4 @@ def run_suite(evaluator: runner.Evaluator, suite: str, opts: runner.Options,
       storage.write_text(storage.join(output_dir, file_name), json.dumps(result, indent=2) + "\n")
     results.append({"name": item.name, "file": file_name, "result": result})
   return summary.build(results, skipped, suite=suite, model=evaluator.model_config.name,
-                       checkpoint=(evaluator.path if storage.is_remote(evaluator.path)
-                                   else os.path.abspath(evaluator.path)))
+                       checkpoint=storage.absolute(evaluator.path))
