@@ -1,4 +1,4 @@
-"""The optimizer: AdamW with CLIP's defaults, decay mask, schedules, per-tower rates, LiT.
+"""The optimizer: AdamW with CLIP's defaults, the paper's decay rule, schedules, per-tower rates, LiT.
 
 Parameters fall in three groups by their top-level key: `image` (params["visual"]),
 `text` (params["text"]) and `head` (logit_scale, logit_bias). Each group gets its own AdamW
@@ -8,30 +8,89 @@ with the learning rate times the group's multiplier; a frozen tower gets
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-# Leaves that are not weight-decayed (CLIP: gains, biases, embeddings, temperature).
-NO_DECAY_NAMES = frozenset({
-    "bias", "scale", "class_embedding", "positional_embedding", "token_embedding",
-    "logit_scale", "logit_bias",
-})
+# Weight decay (config.optimizer.decay_rule, plus config.optimizer.no_decay):
+#   paper:   the CLIP paper's "all weights that are not gains or biases", as open_clip decays:
+#            every weight of two or more dimensions (per layer: a scanned stack's layer axis
+#            does not count), token and positional embeddings included; never a norm's scale
+#            or bias, any bias, a one-dimensional weight (the ViT class embedding), the logit
+#            scale or bias.
+#   kernels: big_vision's: only the kernels of dense and conv layers (and the patch embedding
+#            and projection matrices); no embedding, gain, bias or logit parameter.
+DECAY_RULES = ("paper", "kernels")
+GAIN_AND_BIAS_NAMES = frozenset({"bias", "scale", "logit_scale", "logit_bias"})
+EMBEDDING_NAMES = frozenset({"class_embedding", "positional_embedding", "token_embedding"})
+SCANNED_KEY = "resblocks"  # a scanned stack of blocks: its leaves carry a leading layer axis
 TOWER_KEYS = {"visual": "image", "text": "text"}
 DEFAULT_RSQRT_TIMESCALE = 10_000
 
 
+def _path_keys(path) -> list[str]:
+  return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
 def _leaf_name(path) -> str:
-  keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-  return str(keys[-1]) if keys else ""
+  keys = _path_keys(path)
+  return keys[-1] if keys else ""
 
 
-def decay_mask(params):
-  """True for leaves that get weight decay (matrices: kernels, conv1, projections)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) not in NO_DECAY_NAMES,
-                                          params)
+def param_path(path) -> str:
+  """A leaf's path as the no_decay patterns see it: "text/token_embedding"."""
+  return "/".join(_path_keys(path))
+
+
+def _no_decay_patterns(no_decay) -> list[re.Pattern]:
+  if isinstance(no_decay, str):
+    no_decay = [p for p in (x.strip() for x in no_decay.split(",")) if p]
+  patterns = []
+  for pattern in no_decay or ():
+    try:
+      patterns.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(f"config.optimizer.no_decay: {pattern!r} is not a regular expression "
+                       f"({e})") from None
+  return patterns
+
+
+def _check_rule(rule: str) -> None:
+  if rule not in DECAY_RULES:
+    raise ValueError(f"config.optimizer.decay_rule={rule!r} is unknown; use "
+                     f"{' or '.join(DECAY_RULES)}")
+
+
+def decay_mask(params, rule: str = "paper", no_decay=()):
+  """True for the leaves that get weight decay under `rule` (see DECAY_RULES), except those
+  whose path ("visual/transformer/resblocks/attn/qkv/kernel") matches a `no_decay` regex
+  (re.search; a list, or one comma-separated string)."""
+  _check_rule(rule)
+  patterns = _no_decay_patterns(no_decay)
+
+  def decays(path, leaf) -> bool:
+    keys, name = _path_keys(path), _leaf_name(path)
+    if name in GAIN_AND_BIAS_NAMES:
+      decay = False
+    elif rule == "paper":
+      decay = np.ndim(leaf) - (SCANNED_KEY in keys) >= 2
+    else:
+      decay = name not in EMBEDDING_NAMES
+    return decay and not any(p.search(param_path(path)) for p in patterns)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def decay_mask_from(config) -> Callable:
+  """params -> decay mask, by config.optimizer.decay_rule and config.optimizer.no_decay."""
+  opt = config.optimizer
+  rule, no_decay = opt.get("decay_rule", "paper"), opt.get("no_decay", "")
+  _check_rule(rule)  # a bad rule or pattern raises now, not inside jit
+  _no_decay_patterns(no_decay)
+  return lambda params: decay_mask(params, rule, no_decay)
 
 
 def tower_labels(params):
@@ -122,9 +181,11 @@ def make_optimizer(config, total_steps: Optional[int] = None) -> optax.GradientT
   if freeze not in ("", "image", "text"):
     raise ValueError(f"optimizer.freeze={freeze!r} is unknown; use '', 'image' or 'text'")
 
+  mask = decay_mask_from(config)
+
   def adamw(mult: float):
     return optax.adamw(lambda step: schedule(step) * mult, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                       weight_decay=opt.weight_decay, mask=decay_mask)
+                       weight_decay=opt.weight_decay, mask=mask)
 
   transforms = {"image": adamw(opt.get("image_lr_mult", 1.0)),
                 "text": adamw(opt.get("text_lr_mult", 1.0)),

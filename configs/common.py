@@ -48,7 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.98
   c.optimizer.eps = 1e-6
-  c.optimizer.weight_decay = 0.2
+  c.optimizer.weight_decay = 0.2     # decoupled (AdamW), on the leaves decay_rule picks:
+  c.optimizer.decay_rule = "paper"   # paper: every weight of >= 2 dims but gains and biases
+                                     # (embeddings included, as open_clip) | kernels (big_vision)
+  c.optimizer.no_decay = ""          # comma-separated regexes over param paths also exempted,
+                                     # e.g. "token_embedding,positional_embedding"
   c.optimizer.grad_clip_norm = 0.0   # 0: no clipping
   c.optimizer.schedule = "cosine"    # cosine | linear | constant | rsqrt
   c.optimizer.warmup_steps = 2000

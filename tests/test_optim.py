@@ -139,17 +139,74 @@ def params():
   return init_params(create_model("tiny", logit_bias_init=-10.0), jax.random.PRNGKey(0))
 
 
-def test_decay_mask(params):
+def test_decay_mask_paper_rule(params):
+  # The paper's "all weights that are not gains or biases", as open_clip: every weight of >= 2
+  # dimensions per layer (a scanned stack's layer axis does not count), embeddings included.
   mask = optim.decay_mask(params)
   v, t = mask["visual"], mask["text"]
   blocks = v["transformer"]["resblocks"]
   assert v["conv1"] and v["proj"] and t["text_projection"]
   assert blocks["attn"]["qkv"]["kernel"] and blocks["mlp"]["c_fc"]["kernel"]
-  assert not blocks["attn"]["qkv"]["bias"] and not blocks["mlp"]["c_proj"]["bias"]
-  assert not blocks["ln_1"]["scale"] and not v["ln_post"]["bias"]
-  assert not v["class_embedding"] and not v["positional_embedding"]
-  assert not t["token_embedding"] and not t["positional_embedding"]
+  assert v["positional_embedding"]
+  assert t["token_embedding"] and t["positional_embedding"]
+  # Gains and biases: a scanned LayerNorm scale is [L, D] and a qkv bias [L, 3, H, hd], and
+  # neither decays; the class embedding is one-dimensional.
+  assert not blocks["attn"]["qkv"]["bias"]
+  assert not blocks["mlp"]["c_proj"]["bias"]
+  assert not blocks["ln_1"]["scale"] and not v["ln_post"]["bias"] and not t["ln_final"]["scale"]
+  assert not v["class_embedding"]
   assert not mask["logit_scale"] and not mask["logit_bias"]
+
+
+def test_decay_mask_paper_rule_unscanned_and_resnet():
+  unscanned = init_params(create_model("tiny", scan_layers=False), jax.random.PRNGKey(0))
+  mask = optim.decay_mask(unscanned)
+  block = mask["visual"]["transformer"]["resblocks_0"]
+  assert block["attn"]["qkv"]["kernel"] and not block["ln_1"]["scale"]
+  assert not block["attn"]["qkv"]["bias"]
+  abstract = jax.eval_shape(lambda: init_params(create_model("rn50"), jax.random.PRNGKey(0)))
+  mask = optim.decay_mask(abstract)["visual"]
+  assert mask["conv1"]["kernel"] and mask["layer1_0"]["downsample_conv"]["kernel"]
+  assert mask["attnpool"]["positional_embedding"] and mask["attnpool"]["q_proj"]["kernel"]
+  assert not mask["bn1"]["scale"] and not mask["layer1_0"]["bn3"]["bias"]
+  assert not mask["attnpool"]["k_proj"]["bias"]
+
+
+def test_decay_mask_kernels_rule_and_no_decay_patterns(params):
+  # big_vision's: kernels and projection matrices only.
+  mask = optim.decay_mask(params, "kernels")
+  assert mask["visual"]["conv1"] and mask["text"]["text_projection"]
+  assert mask["text"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"]
+  assert not mask["text"]["token_embedding"] and not mask["visual"]["positional_embedding"]
+  assert not mask["visual"]["ln_pre"]["scale"] and not mask["logit_scale"]
+  # Regexes over the "/"-joined path exempt leaves on top of the rule.
+  mask = optim.decay_mask(params, "paper", "token_embedding, ^visual/transformer/.*/c_fc/")
+  assert not mask["text"]["token_embedding"] and mask["text"]["positional_embedding"]
+  assert not mask["visual"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"]
+  assert mask["text"]["transformer"]["resblocks"]["mlp"]["c_fc"]["kernel"]
+  assert mask["visual"]["transformer"]["resblocks"]["mlp"]["c_proj"]["kernel"]
+
+
+def test_decay_rule_errors_are_one_line():
+  c = get_config()
+  c.total_steps = 10
+  c.optimizer.decay_rule = "everything"
+  with pytest.raises(ValueError, match=r"decay_rule='everything' is unknown; use paper or kernels"):
+    optim.make_optimizer(c)
+  c.optimizer.decay_rule = "paper"
+  c.optimizer.no_decay = "token_(embedding"
+  with pytest.raises(ValueError, match=r"no_decay: 'token_\(embedding' is not a regular"):
+    optim.make_optimizer(c)
+
+
+def test_unused_token_rows_decay(params):
+  # The paper's rule, where clip_jax once differed from PyTorch: rows of the token embedding
+  # that no batch uses (zero gradient) still shrink by lr * wd * p each step.
+  updates, _ = first_update(config_for(), params, grad=0.0)
+  tok = np.asarray(params["text"]["token_embedding"])
+  np.testing.assert_allclose(updates["text"]["token_embedding"], -1e-2 * 0.2 * tok, rtol=1e-5)
+  updates, _ = first_update(config_for(decay_rule="kernels"), params, grad=0.0)
+  assert float(jnp.abs(updates["text"]["token_embedding"]).max()) == 0.0
 
 
 def config_for(**opt):
@@ -162,9 +219,9 @@ def config_for(**opt):
   return c
 
 
-def first_update(config, params):
+def first_update(config, params, grad=0.1):
   tx = optim.make_optimizer(config)
-  grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.1, params)
+  grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * grad, params)
   updates, state = tx.update(grads, tx.init(params), params)
   return updates, state
 
