@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: save (async, kept by policy), resume onto any mesh, init_from.
 
 Layout: WORKDIR/checkpoints/<step>/ with one sub-directory per item:
-  state         the TrainState (params, opt_state, step), each array saved with its sharding
+  state         the TrainState (params, opt_state, step, BatchNorm statistics and, with
+                config.ema_decay, the EMA weights), each array saved with its sharding
   data          every process's input-iterator state (JSON)
   rng           the run's PRNG key data
   config        the run's ConfigDict (JSON)
@@ -12,6 +13,7 @@ so a crash in the middle of a save leaves no step that looks complete (test_chec
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -27,11 +29,26 @@ from clip_jax.models import (BATCH_STATS, CLIPConfig, abstract_loaded_params, cr
                              interpolate_pos_embed, scan_params, unscan_params, with_batch_stats)
 
 ITEMS = ("state", "data", "rng", "config", "model_config")
+# Which weights of a trainer checkpoint the readers (restore_params: clip_jax.load, evaluate,
+# export, init_from) take: auto = the EMA when the run kept one, else the trained params.
+WEIGHTS = ("auto", "ema", "params")
 _policies = ocp.checkpoint_managers
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
+
+
+def saved_state_tree(state_dir) -> dict:
+  """The saved TrainState's tree of array metadata (nothing read but the metadata)."""
+  meta = ocp.PyTreeCheckpointer().metadata(epath.Path(state_dir))
+  return getattr(meta, "item_metadata", meta)
+
+
+def has_ema(saved_state) -> bool:
+  """Whether a saved state (its `saved_state_tree`) holds EMA weights."""
+  ema = saved_state.get("ema") if "ema" in saved_state.keys() else None
+  return bool(ema) and "params" in ema.keys() and bool(ema["params"])
 
 
 def _shape_tree(abstract_tree, shardings=None):
@@ -164,13 +181,38 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, state_shardings):
     """Restores `step` onto the target shardings (any mesh, any device count).
 
+    A checkpoint without EMA weights restored by a run with config.ema_decay starts the EMA
+    from the restored weights; a run without EMA drops the checkpoint's. Checkpoints written
+    before TrainState had an `ema` field restore as they are.
+
     Returns (state, data_state for this process or None, rng).
     """
     target = _shape_tree(abstract_state, state_shardings)
+    saved = saved_state_tree(self.directory / str(step) / "state")
+    fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+              if f.name in saved.keys()}
+    want_ema = bool(getattr(abstract_state, "ema", None))  # a TrainState of a run with EMA
+    saved_ema = has_ema(saved)
+    if saved_ema and not want_ema and hasattr(abstract_state, "ema"):
+      fields["ema"] = self._abstract_ema(abstract_state, state_shardings)  # read, then dropped
+    elif want_ema and not saved_ema and "ema" in fields:
+      fields["ema"] = {}
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
+        state=ocp.args.StandardRestore(fields),
         data=ocp.args.JsonRestore(),
         rng=ocp.args.StandardRestore()))
+    restored_fields = dict(restored.state)
+    if hasattr(abstract_state, "ema") and not (want_ema and saved_ema):
+      restored_fields["ema"] = {}
+    state = type(abstract_state)(**restored_fields)
+    if want_ema and not saved_ema:
+      from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+      logging.warning("checkpoint step %d has no EMA weights: the EMA (config.ema_decay) "
+                      "starts from its weights", step)
+      state = state.replace(ema=jax.jit(step_lib.initial_ema, out_shardings=state_shardings.ema)(
+          state.params, state.batch_stats))
+    elif saved_ema and not want_ema:
+      logging.warning("checkpoint step %d has EMA weights; config.ema_decay=0 drops them", step)
     data = restored.data
     data_state = None
     if data["process_count"] == jax.process_count():
@@ -181,7 +223,15 @@ class Checkpointer:
                       "stream restarts) and its skipped-sample count restarts at 0",
                       data["process_count"], jax.process_count())
     rng = jax.random.wrap_key_data(np.asarray(restored.rng["key_data"]))
-    return restored.state, data_state, rng
+    return state, data_state, rng
+
+  @staticmethod
+  def _abstract_ema(abstract_state, state_shardings):
+    """The target of a saved EMA (float32, sharded like the params) for a state without one."""
+    from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+    ema = jax.eval_shape(step_lib.initial_ema, abstract_state.params, abstract_state.batch_stats)
+    return _shape_tree(ema, {"params": state_shardings.params,
+                             "batch_stats": state_shardings.batch_stats})
 
   def wait(self) -> None:
     """Blocks until the asynchronous saves in flight are committed."""
@@ -264,28 +314,57 @@ def _resolve_step(path: str) -> tuple[epath.Path, int]:
   return path, step
 
 
-def restore_params(path: str) -> tuple[Any, CLIPConfig]:
+def check_weights(weights: str, what: str = "weights") -> None:
+  if weights not in WEIGHTS:
+    raise ValueError(f"{what}={weights!r} is unknown; use {', '.join(WEIGHTS)}")
+
+
+def restore_params(path: str, weights: str = "auto") -> tuple[Any, CLIPConfig]:
   """Parameters and model config of a checkpoint, as host numpy arrays.
 
   `path`: a converted checkpoint (DIR/model_config.json + DIR/params, see clip_jax.params_io),
   a training workdir (its latest step), its checkpoints/ dir or one checkpoints/<step> dir.
   The params are unboxed, in the layer layout of the returned config (`scan_layers`); a
   ResNet's carry its BatchNorm running statistics under the top-level key `batch_stats`.
+
+  weights: of a trainer checkpoint of a run with config.ema_decay, "auto" and "ema" read the
+  EMA weights (float32; a ResNet's with the EMA of its running statistics), "params" the
+  trained ones; "ema" is a ValueError for a checkpoint without EMA weights (a converted dir
+  never has them).
   """
+  check_weights(weights)
   if params_io.is_converted_dir(path):
+    if weights == "ema":
+      raise ValueError(f"{path} is a converted model (one set of weights, no EMA); weights="
+                       "'ema' needs a training checkpoint of a run with config.ema_decay")
     return params_io.load_params(path)
   directory, step = _resolve_step(path)
   step_dir = directory / str(step)
   model_config = CLIPConfig.from_dict(json.loads((step_dir / "model_config" / "metadata").read_text()))
+  saved_ema = has_ema(saved_state_tree(step_dir / "state"))
+  if weights == "ema" and not saved_ema:
+    raise ValueError(f"{step_dir} has no EMA weights (its run had config.ema_decay=0); use "
+                     "weights 'params' or 'auto'")
+  use_ema = saved_ema and weights != "params"
   shapes = abstract_loaded_params(create_model(model_config))
-  item = {"params": _shape_tree({k: v for k, v in shapes.items() if k != BATCH_STATS})}
-  if BATCH_STATS in shapes:
-    item[BATCH_STATS] = _shape_tree(shapes[BATCH_STATS])
+  params_item = _shape_tree({k: v for k, v in shapes.items() if k != BATCH_STATS})
+  stats_item = _shape_tree(shapes[BATCH_STATS]) if BATCH_STATS in shapes else None
+  if use_ema:
+    item = {"ema": {"params": params_item}}
+    if stats_item is not None:
+      item["ema"]["batch_stats"] = stats_item
+  else:
+    item = {"params": params_item}
+    if stats_item is not None:
+      item[BATCH_STATS] = stats_item
   restored = ocp.PyTreeCheckpointer().restore(
       step_dir / "state",
       args=ocp.args.PyTreeRestore(item=item,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True))
+  if use_ema:
+    restored = restored["ema"]
+    logging.info("%s: the EMA weights of step %d", step_dir, step)
   return with_batch_stats(restored["params"], restored.get(BATCH_STATS)), model_config
 
 
@@ -299,7 +378,7 @@ def load_init_params(config, model_config: CLIPConfig, target_params, target_bat
   the image tower of a ResNet comes its BatchNorm running statistics (`target_batch_stats`),
   under the key `batch_stats`."""
   from clip_jax.step import TOWER_PARAMS  # pylint: disable=g-import-not-at-top
-  loaded, loaded_config = restore_params(config.init_from)
+  loaded, loaded_config = restore_params(config.init_from, config.get("init_weights", "auto"))
   if loaded_config.scan_layers != model_config.scan_layers:
     loaded = (scan_params if model_config.scan_layers else unscan_params)(loaded)
   grid = model_config.vision.grid_size

@@ -54,10 +54,11 @@ _SOT_TOKEN, _EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 # ------------------------------------------------------------------------------ reading
 
-def read_checkpoint(path) -> tuple[dict[str, np.ndarray], CLIPConfig]:
-  """(OpenAI-layout float32 state dict, CLIPConfig) of anything `restore_params` reads."""
+def read_checkpoint(path, weights: str = "auto") -> tuple[dict[str, np.ndarray], CLIPConfig]:
+  """(OpenAI-layout float32 state dict, CLIPConfig) of anything `restore_params` reads;
+  `weights`: a training checkpoint's EMA (auto: when it has one) or its params."""
   try:
-    params, config = checkpoint.restore_params(str(path))
+    params, config = checkpoint.restore_params(str(path), weights)
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(f"cannot read --checkpoint {path}: {' '.join(str(e).split())}") from e
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)  # bfloat16 -> f32 is exact
@@ -244,11 +245,13 @@ def how_to_load(output_dir, config: CLIPConfig, fmt: str) -> str:
 # ------------------------------------------------------------------------------ entry points
 
 def export(checkpoint_path, output_dir, *, fmt: str, dtype: str = "float32",
-           overwrite: bool = False, pt: bool = False) -> str:
+           overwrite: bool = False, pt: bool = False, weights: str = "auto") -> str:
   """Exports `checkpoint_path` to `output_dir` in format `fmt` (hf | open_clip | openai).
 
   dtype: float32 | bfloat16, the stored dtype of the floating tensors.
   pt: open_clip only: also write open_clip_pytorch_model.bin.
+  weights: of a training checkpoint with EMA weights (config.ema_decay), auto and ema export
+    the EMA, params the trained weights.
   Returns a line saying how to load the result. Raises ValueError (one line) on bad input.
   """
   if fmt not in FORMATS:
@@ -261,7 +264,8 @@ def export(checkpoint_path, output_dir, *, fmt: str, dtype: str = "float32",
   output_dir = output_dir_path(output_dir, overwrite=overwrite)  # fail before the (slow) read
   if fmt == "openai" or pt:
     import_torch(f"{OPENAI_WEIGHTS if fmt == 'openai' else OPEN_CLIP_PT} (a PyTorch file)")
-  state, config = read_checkpoint(checkpoint_path)
+  checkpoint.check_weights(weights, "--weights")
+  state, config = read_checkpoint(checkpoint_path, weights)
   if problems := format_problems(config, fmt):
     raise ValueError(f"--format {fmt} cannot express model {config.name!r} of "
                      f"{checkpoint_path}: it has " + "; ".join(problems))
@@ -287,10 +291,13 @@ def main(argv=None) -> int:
   parser.add_argument("--pt", action="store_true",
                       help=f"open_clip: also write {OPEN_CLIP_PT} (torch.save; needs PyTorch)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  parser.add_argument("--weights", default="auto", choices=checkpoint.WEIGHTS,
+                      help="a training checkpoint's EMA weights (auto: when it has them) or its "
+                           "trained params")
   args = parser.parse_args(argv)
   try:
     how = export(args.checkpoint, args.output, fmt=args.format, dtype=args.dtype,
-                 overwrite=args.overwrite, pt=args.pt)
+                 overwrite=args.overwrite, pt=args.pt, weights=args.weights)
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1

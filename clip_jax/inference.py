@@ -31,7 +31,7 @@ import numpy as np
 
 from clip_jax import checkpoint, convert
 from clip_jax.models import CLIPConfig, create_model, model_variables
-from clip_jax.params_io import is_converted_dir, load_params
+from clip_jax.params_io import is_converted_dir
 
 def _bucket(n: int, batch_size: int) -> int:
   """Padded batch size for n items: a power of two up to `batch_size`, so few shapes compile."""
@@ -145,13 +145,16 @@ class CLIPInference:
     return logits_per_image, logits_per_image.T
 
 
-def load(path, *, batch_size: int = 256, dtype: Optional[str] = None,
+def load(path, *, batch_size: int = 256, dtype: Optional[str] = None, weights: str = "auto",
          **convert_kwargs: Any) -> CLIPInference:
   """Loads a CLIP for inference from a converted dir, a trainer workdir or step dir, or
   PyTorch/safetensors weights (a file or a Hugging Face model dir, converted in memory;
   `convert_kwargs` go to `clip_jax.convert.convert_file`, e.g. source="open_clip", act="gelu").
 
   `dtype` overrides the compute dtype (e.g. "bfloat16" on TPU); parameters keep theirs.
+  `weights`: of a trainer checkpoint kept with an EMA (config.ema_decay), "auto" (default)
+  and "ema" load the EMA weights, "params" the trained ones (see
+  `clip_jax.checkpoint.restore_params`).
   """
   from clip_jax import storage  # pylint: disable=g-import-not-at-top
   remote = storage.is_remote(path)  # gs://: a converted dir or a trainer workdir/step dir
@@ -161,12 +164,14 @@ def load(path, *, batch_size: int = 256, dtype: Optional[str] = None,
   if convert_kwargs and not to_convert:
     raise ValueError(f"{sorted(convert_kwargs)} only apply when loading PyTorch or safetensors "
                      f"weights, and {path} holds none")
-  if is_converted_dir(path):
-    params, config = load_params(path)
+  checkpoint.check_weights(weights)
+  if to_convert and weights == "ema":
+    raise ValueError(f"{path} holds one set of PyTorch/safetensors weights (no EMA); "
+                     "weights='ema' needs a training checkpoint of a run with config.ema_decay")
+  if is_converted_dir(path) or (path.is_dir() and not to_convert):
+    params, config = checkpoint.restore_params(path, weights)
   elif to_convert:
     params, config = convert.convert_file(path, **convert_kwargs)
-  elif path.is_dir():
-    params, config = checkpoint.restore_params(path)
   else:
     raise ValueError(f"{path} does not exist; pass a converted checkpoint dir, a trainer "
                      "workdir or step dir, a Hugging Face model dir or a .pt/.bin/.safetensors "

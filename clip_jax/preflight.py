@@ -342,6 +342,8 @@ def compile_for_topology(config, devices, slice_: Slice, num_slices: int = 1) ->
   report = {
       "dry_run": True,
       "num_params": None,
+      # The EMA's float32 copy of the weights (config.ema_decay) is in memory_per_device.
+      "ema": bool(step.ema_settings(config)[0]),
       "num_devices": num_devices,
       "global_batch": int(config.batch_size),
       # Our analytic count: XLA's TPU cost_analysis counts a scanned layer once.

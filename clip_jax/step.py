@@ -29,6 +29,12 @@ tuning phase): a second compiled step, chosen by the step number (`patch_dropout
 
 uint8 batches (`config.data.image_dtype="uint8"`) are normalised inside the step with
 OpenAI's mean/std, the same multiply-add the input pipeline would have done on the host.
+
+EMA of the weights (`config.ema_decay` > 0, timm's ModelEmaV3): `TrainState.ema` holds
+{"params", "batch_stats"} in float32, sharded like the params, checkpointed with the state.
+It starts as a copy of the initial weights; after each update to step t,
+ema = d * ema + (1 - d) * weights with d = ema_decay, or d = 0 (a copy) while t <
+config.ema_start_step. A ResNet's BatchNorm running averages are averaged the same way.
 """
 from __future__ import annotations
 
@@ -66,6 +72,40 @@ class TrainState:
   params: Any
   opt_state: Any
   batch_stats: Any = flax.struct.field(default_factory=dict)  # BatchNorm running averages
+  ema: Any = flax.struct.field(default_factory=dict)  # {} or {"params", "batch_stats"} (f32)
+
+
+EMA_DTYPE = jnp.float32
+
+
+def ema_settings(config) -> tuple[float, int]:
+  """(config.ema_decay, config.ema_start_step), checked; decay 0 is off."""
+  decay, start = float(config.get("ema_decay", 0.0)), int(config.get("ema_start_step", 0))
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"config.ema_decay={decay} must be in [0, 1) (0: no EMA; e.g. 0.9999)")
+  if start < 0:
+    raise ValueError(f"config.ema_start_step={start} must be >= 0")
+  return decay, start
+
+
+def _ema_of(tree):
+  """The EMA's copy of `tree` (params or batch_stats) in EMA_DTYPE: new arrays, never the
+  inputs themselves (jit forwards an unchanged input, and the step donates both)."""
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, EMA_DTYPE, copy=True), tree)
+
+
+def initial_ema(params, batch_stats) -> dict:
+  """The EMA at the start: a copy of the weights."""
+  return {"params": _ema_of(params), "batch_stats": _ema_of(batch_stats)}
+
+
+def update_ema(ema: dict, params, batch_stats, step, decay: float, start_step: int) -> dict:
+  """The EMA after the update to `step`: decay * ema + (1 - decay) * weights, a copy before
+  start_step."""
+  d = jnp.where(step < start_step, 0.0, decay).astype(EMA_DTYPE)
+  mix = lambda e, x: d * e + (1.0 - d) * jnp.asarray(x, EMA_DTYPE)  # noqa: E731
+  return {"params": jax.tree_util.tree_map(mix, ema["params"], params),
+          "batch_stats": jax.tree_util.tree_map(mix, ema["batch_stats"], batch_stats)}
 
 
 def model_config_from(config) -> CLIPConfig:
@@ -148,11 +188,16 @@ def abstract_train_state(config, mesh: Mesh):
   shd.check_fsdp(params, param_shardings, mesh)
   opt_state = jax.eval_shape(make_optimizer(config).init, params)
   opt_shardings = shd.match_shardings(opt_state, params, param_shardings, mesh)
+  stats_shardings = shd.logical_to_shardings(boxed_stats, mesh, rules)
+  batch_stats = _unbox(boxed_stats)
+  ema, ema_shardings = {}, {}
+  if ema_settings(config)[0]:  # sharded like the weights it averages
+    ema = jax.eval_shape(initial_ema, params, batch_stats)
+    ema_shardings = {"params": param_shardings, "batch_stats": stats_shardings}
   shardings = TrainState(step=shd.replicated(mesh), params=param_shardings,
-                         opt_state=opt_shardings,
-                         batch_stats=shd.logical_to_shardings(boxed_stats, mesh, rules))
+                         opt_state=opt_shardings, batch_stats=stats_shardings, ema=ema_shardings)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=opt_state, batch_stats=_unbox(boxed_stats))
+                        opt_state=opt_state, batch_stats=batch_stats, ema=ema)
   return _with_shardings(abstract, shardings), shardings
 
 
@@ -183,14 +228,15 @@ def create_train_state(config, mesh: Mesh, rng, params=None, batch_stats=None):
   abstract, shardings = abstract_train_state(config, mesh)
   model = create_model(model_config_from(config))
   tx = make_optimizer(config)
+  with_ema = bool(ema_settings(config)[0])
   if params is None:
     def init(rng):
       images = jnp.zeros((1, model.config.vision.image_size, model.config.vision.image_size, 3))
       tokens = jnp.zeros((1, model.config.text.context_length), jnp.int32)
       variables = _unbox(model.init(rng, images, tokens))
-      p = variables["params"]
+      p, stats = variables["params"], variables.get("batch_stats", {})
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                        batch_stats=variables.get("batch_stats", {}))
+                        batch_stats=stats, ema=initial_ema(p, stats) if with_ema else {})
     return jax.jit(init, out_shardings=shardings)(rng), shardings
   params = _unbox(params)
   _check_params(params, abstract.params)
@@ -205,9 +251,11 @@ def create_train_state(config, mesh: Mesh, rng, params=None, batch_stats=None):
     _check_params(batch_stats, abstract.batch_stats)
   batch_stats = place(batch_stats, abstract.batch_stats)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  ema = (jax.jit(initial_ema, out_shardings=shardings.ema)(params, batch_stats)
+         if with_ema else {})
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(step=step, params=params, opt_state=opt_state,
-                    batch_stats=batch_stats), shardings
+                    batch_stats=batch_stats, ema=ema), shardings
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,6 +421,7 @@ def make_train_step(config, mesh: Mesh, state_shardings,
   num_patches = 0 if model_config.is_resnet else model_config.vision.grid_size ** 2
   keep = kept_patches(num_patches, rate) if rate else None
   seed = int(config.seed)
+  ema_decay, ema_start_step = ema_settings(config)
 
   log_update_norm = bool(config.get("log_update_norm", False))
 
@@ -406,8 +455,11 @@ def make_train_step(config, mesh: Mesh, state_shardings,
                    learning_rate=schedule(state.step))
     if "logit_bias" in state.params:
       metrics["logit_bias"] = state.params["logit_bias"]
+    ema = state.ema
+    if ema_decay:
+      ema = update_ema(ema, params, batch_stats, state.step + 1, ema_decay, ema_start_step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           batch_stats=batch_stats)
+                           batch_stats=batch_stats, ema=ema)
     return new_state, jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
   batch_shardings = {"images": shd.batch_sharding(mesh), "tokens": shd.batch_sharding(mesh)}
@@ -499,6 +551,7 @@ def dry_run_report(config, mesh: Optional[Mesh] = None) -> dict:
   return {
       "dry_run": True,
       "num_params": count_params(abstract_state.params),
+      "ema": bool(abstract_state.ema),  # the EMA's float32 copy is in memory_per_device
       "num_devices": int(mesh.devices.size),
       "global_batch": int(config.batch_size),
       "flops_per_step": int(train_flops_per_step(model_config_from(config),

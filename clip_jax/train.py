@@ -149,7 +149,10 @@ def validate_config(config, *, check_data: bool = True, check_mesh: bool = True)
     for field in ("num_examples", "batch_size"):
       if eval_config.get(field, 1) <= 0:
         raise ValueError(f"config.evals.{name}.{field}={eval_config.get(field)} must be positive")
+  from clip_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  checkpoint_lib.check_weights(config.get("init_weights", "auto"), "config.init_weights")
+  step_lib.ema_settings(config)
   step_lib.validate_patch_dropout(config)
   tuning = int(config.get("unmasked_tuning_steps", 0))
   if tuning and tuning >= (total_steps := resolve_total_steps(config)):
@@ -429,6 +432,9 @@ def train_loop(run: Run, state, train_step, *, start_step: int, train_iter, chec
         log.flush()  # never evaluate or save a state whose step went non-finite
       if eval_due or (step == run.total_steps and config.eval_every >= 0):
         log.evaluate(step, with_batch_stats(state.params, state.batch_stats))
+        if state.ema:  # the EMA weights too, logged as eval_ema/NAME/METRIC
+          log.evaluate(step, with_batch_stats(state.ema["params"], state.ema["batch_stats"]),
+                       prefix="eval_ema")
       if save_due:
         save_checkpoint(run, checkpointer, step, state, train_iter, rng,
                         final=preempted or step == run.total_steps)
@@ -533,15 +539,15 @@ class StepLog:
     self._writer.write(step, values)
     self.last_metrics.update(values)
 
-  def evaluate(self, step: int, params) -> None:
-    """Runs config.evals on `params` and logs their results."""
+  def evaluate(self, step: int, params, prefix: str = "eval") -> None:
+    """Runs config.evals on `params` and logs their results as PREFIX/NAME/METRIC."""
     run, results = self._run, {}
     for name, evaluator in self._evaluators.items():
       t0 = time.time()
       for metric, value in evaluator(self._model, params, run.mesh, run.config.evals[name],
                                      run.image_size).items():
-        results[f"eval/{name}/{metric}"] = float(value)
-      logging.info("step %d eval %s: %s (%.1fs)", step, name,
+        results[f"{prefix}/{name}/{metric}"] = float(value)
+      logging.info("step %d %s %s: %s (%.1fs)", step, prefix, name,
                    {k: round(v, 4) for k, v in results.items() if f"/{name}/" in k},
                    time.time() - t0)
     if results:

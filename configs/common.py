@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.text_lr_mult = 1.0
   c.optimizer.freeze = ""            # "" | image | text  (LiT: freeze the image tower)
 
+  # EMA of the weights (timm's ModelEmaV3): 0 off, else e.g. 0.9999; a float32 copy in the
+  # train state, checkpointed; evaluate/load/export/init_from take it by default (--weights).
+  c.ema_decay = 0.0
+  c.ema_start_step = 0               # the EMA copies the weights until this step
+
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"        # synthetic | tfds | wds | csv | files
   c.data.path = ""                   # wds shards/{00000..00127}.tar, csv file(s), files folder
@@ -91,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict()  # name -> evaluator config (see clip_jax.evaluate)
   c.init_from = ""                   # a converted or trained checkpoint dir
   c.init_towers = "both"             # both | image | text
+  c.init_weights = "auto"            # auto (the EMA if init_from has one) | ema | params
   c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "name": ""})
 
   # Trainer (clip_jax.train): console and safety knobs.

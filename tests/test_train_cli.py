@@ -1,5 +1,6 @@
 """`python -m clip_jax.train` as users run it (subprocesses): config errors, --dry_run, exact
-resume after SIGTERM and SIGKILL, resume onto a different device count."""
+resume after SIGTERM and SIGKILL (the EMA of the weights included), resume onto a different
+device count."""
 import json
 import os
 import pathlib
@@ -9,14 +10,18 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from clip_jax import checkpoint as ckpt_lib
 from clip_jax import metrics as metrics_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Long enough that a signal sent around step 5 lands mid-run; every step logged.
-RESUME_FLAGS = ["--config.total_steps=24", "--config.eval_every=-1", "--config.keep_every=4"]
+# Long enough that a signal sent around step 5 lands mid-run; every step logged; an EMA of the
+# weights (from step 3) that the resume must continue exactly.
+RESUME_FLAGS = ["--config.total_steps=24", "--config.eval_every=-1", "--config.keep_every=4",
+                "--config.ema_decay=0.8", "--config.ema_start_step=3"]
 
 
 def _env(devices=8):
@@ -108,7 +113,7 @@ def reference_run(tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_interrupted_run_resumes_exactly(reference_run, tmp_path, sig):
-  _, reference = reference_run
+  reference_dir, reference = reference_run
   if sig == signal.SIGTERM:  # mid-way between two checkpoints
     ready = lambda w: (w / "metrics.jsonl").exists() and max(_losses(w), default=0) >= 5
   else:  # once one save has committed, so the restart has something to resume from
@@ -130,6 +135,11 @@ def test_interrupted_run_resumes_exactly(reference_run, tmp_path, sig):
   assert sorted(resumed) == list(range(1, 25))
   np.testing.assert_allclose([resumed[s] for s in range(resume_step + 1, 25)],
                              [reference[s] for s in range(resume_step + 1, 25)], rtol=0, atol=1e-6)
+  for weights in ("ema", "params"):  # the EMA continued exactly, as the weights did
+    ours, _ = ckpt_lib.restore_params(str(tmp_path), weights)
+    theirs, _ = ckpt_lib.restore_params(str(reference_dir), weights)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow  # test_checkpoint.py restores onto another mesh in-process by default

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import jax
@@ -44,6 +43,9 @@ def parse_args(argv):
   where = parser.add_mutually_exclusive_group(required=True)
   where.add_argument("--checkpoint", help="a converted model dir, a workdir or a checkpoint step dir")
   where.add_argument("--workdir", help="a training workdir: its latest checkpoint")
+  parser.add_argument("--weights", default="auto", choices=("auto", "ema", "params"),
+                      help="a training checkpoint's EMA weights (auto: when it has them) or its "
+                      "trained params")
   parser.add_argument("--task", default=None, help=f"one of {', '.join(TASKS)}")
   parser.add_argument("--dataset", default=None,
                       help="synthetic, a TFDS name, wds:PATTERN, imagefolder:DIR, "
@@ -172,7 +174,7 @@ def options(args) -> Options:
 
 def evaluate(args) -> dict:
   from clip_jax.evaluate.runner import Evaluator
-  evaluator = Evaluator(args.checkpoint or args.workdir, args.cache_dir)
+  evaluator = Evaluator(args.checkpoint or args.workdir, args.cache_dir, args.weights)
   return evaluator.run(args.task, args.dataset, options(args))
 
 
@@ -181,7 +183,7 @@ def run_suite(args) -> dict:
   from clip_jax.evaluate import suite, summary
   from clip_jax.evaluate.runner import Evaluator
   other = summary.load(args.compare) if args.compare else None
-  evaluator = Evaluator(args.checkpoint or args.workdir, args.cache_dir)
+  evaluator = Evaluator(args.checkpoint or args.workdir, args.cache_dir, args.weights)
   result = suite.run_suite(evaluator, args.suite, options(args), args.output_dir,
                            progress=not args.no_progress)
   if jax.process_index() == 0:

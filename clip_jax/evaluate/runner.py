@@ -56,7 +56,7 @@ def _first_name(name) -> str:
 class Evaluator:
   """Evaluates tasks on datasets with one checkpoint."""
 
-  def __init__(self, path: str, cache_dir: Optional[str] = None):
+  def __init__(self, path: str, cache_dir: Optional[str] = None, weights: str = "auto"):
     import jax
     from jax.sharding import Mesh
 
@@ -65,12 +65,13 @@ class Evaluator:
     from clip_jax.models import create_model
 
     self.path = path
-    self.params, self.model_config = restore_params(path)
+    self.params, self.model_config = restore_params(path, weights)
     self.model = create_model(self.model_config)
     self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
     self.image_size = self.model_config.vision.image_size
     self.cache = zeroshot.ClassifierCache(cache_dir)
-    self.checkpoint_id = checkpoint_id(path)
+    # The trained weights of a checkpoint with an EMA are another model: another cache key.
+    self.checkpoint_id = checkpoint_id(path) + ("#params" if weights == "params" else "")
     self._features: dict = {}
 
   def _local_batch(self, batch_size: int) -> int:
