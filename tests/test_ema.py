@@ -231,3 +231,24 @@ def test_turning_the_ema_off_at_a_resume_drops_it(tmp_path, caplog):
   assert "has EMA weights; config.ema_decay=0 drops them" in caplog.text
   assert restored.ema == {}
   assert_trees_close(restored.params, state.params, atol=0)
+
+
+def test_resnet_ema_restores_with_its_running_statistics(tmp_path):
+  # restore_params(weights="ema") of a ResNet: the EMA params and the EMA of the BatchNorm
+  # running averages, under batch_stats as clip_jax.load expects.
+  c = step_config(model="tiny_rn", ema_decay=0.9)
+  mesh = shd.create_mesh(c)
+  state, _ = st.create_train_state(c, mesh, jax.random.PRNGKey(0))
+  moved = jax.tree.map(lambda x: x + 1.0, state.ema)  # an EMA that differs from the weights
+  state = state.replace(ema=moved)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), checkpoint_every=1, keep_checkpoints=1,
+                                       async_save=False)
+  checkpointer.save(1, state, data_state={}, rng=jax.random.key(0), config_json="{}",
+                    model_config=st.model_config_from(c), force=True)
+  checkpointer.close()
+  ema, _ = ckpt_lib.restore_params(str(tmp_path))
+  trained, _ = ckpt_lib.restore_params(str(tmp_path), "params")
+  assert_trees_close(ema["batch_stats"], moved["batch_stats"], atol=0)
+  assert_trees_close({k: v for k, v in ema.items() if k != "batch_stats"}, moved["params"],
+                     atol=0)
+  assert_trees_close(trained["batch_stats"], state.batch_stats, atol=0)
