@@ -27,14 +27,16 @@ by every image family, `vit` the ViT image tower's (both are `blocks.Transformer
 this module detects the layout and the image family (`IMAGE_FAMILIES`: a new family is one
 module beside vit.py, with the functions vit.py has), checks the keys and writes the result;
 `params_to_openai` and `openai_to_hf` are the inverse maps, for `clip_jax.export`;
-`__main__` is the command line.
+`main` is the command line (`python -m clip_jax.convert`; `__main__` only calls it).
 
 PyTorch is needed only to read .pt/.bin files, and is imported only then.
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 import re
+import sys
 from typing import Callable, Optional
 
 import jax
@@ -45,9 +47,9 @@ from clip_jax.convert import readers, resnet, text, vit
 from clip_jax.convert.readers import (HF_ACTS, _is_torchscript, read_sharded,  # noqa: F401
                                       read_state_dict, weights_in_dir)
 from clip_jax.params_io import output_dir_path, save_params
-from clip_jax.models import (BATCH_STATS, MODEL_CONFIGS, CLIPConfig, abstract_loaded_params,
-                             create_model, get_model_config, open_clip_name, resolve_model_name,
-                             scan_params, unscan_params)
+from clip_jax.models import (BATCH_STATS, MODEL_CONFIGS, OPEN_CLIP_NAMES, CLIPConfig,
+                             abstract_loaded_params, create_model, get_model_config,
+                             open_clip_name, resolve_model_name, scan_params, unscan_params)
 
 SOURCES = ("openai", "open_clip", "hf")
 LAYOUTS = ("openai", "hf")
@@ -352,7 +354,37 @@ def convert(input_path, output_dir, *, source: str, model: Optional[str] = None,
   return config
 
 
+def _print_note(note: str) -> None:
+  print(f"note: {note}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-  """The command line, `python -m clip_jax.convert` (clip_jax/convert/__main__.py)."""
-  from clip_jax.convert.__main__ import main as cli  # pylint: disable=import-outside-toplevel
-  return cli(argv)
+  """The command line, `python -m clip_jax.convert` (run by clip_jax/convert/__main__.py)."""
+  parser = argparse.ArgumentParser(
+      prog="python -m clip_jax.convert",
+      description="Convert OpenAI / open_clip / Hugging Face CLIP weights to clip_jax.")
+  parser.add_argument("--source", required=True, choices=SOURCES)
+  parser.add_argument("--input", required=True,
+                      help=".pt/.pth/.bin/.safetensors file, TorchScript archive, sharded "
+                           "checkpoint index (*.index.json), or HF model dir")
+  parser.add_argument("--output", required=True, help="checkpoint dir to create")
+  parser.add_argument("--model", choices=sorted(MODEL_CONFIGS) + list(OPEN_CLIP_NAMES),
+                      metavar="NAME",
+                      help="variant to check against (default: inferred from the shapes): one of "
+                           f"{', '.join(sorted(MODEL_CONFIGS))}, or an open_clip name, which sets "
+                           f"the activation too: {', '.join(OPEN_CLIP_NAMES)}")
+  parser.add_argument("--act", choices=("quick_gelu", "gelu"),
+                      help="activation (default: what an open_clip --model name or a config file "
+                           "beside --input says, else quick_gelu for openai/hf and gelu for "
+                           "open_clip)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  args = parser.parse_args(argv)
+  try:
+    config = convert(args.input, args.output, source=args.source, model=args.model, act=args.act,
+                     overwrite=args.overwrite, notify=_print_note)
+  except ValueError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.output}: model {config.name!r}, act {config.act}, "
+        f"image {config.vision.image_size}px, embed {config.embed_dim}")
+  return 0

@@ -22,6 +22,10 @@ ClassName = Union[str, Sequence[str]]
 IMAGENET_ASSET = "imagenet_zeroshot.json"
 PROMPTS_ASSET = "zeroshot_prompts.json"
 WNIDS_ASSET = "imagenet_wnids.json"
+# The suite's ImageNet and its distribution-shifted variants (the summary: each and their mean
+# against ImageNet), as TFDS names.
+IMAGENET = "imagenet2012"
+IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 # ImageNet variants over a subset of the 1000 classes: registry key -> key in WNIDS_ASSET.
 IMAGENET_SUBSETS = {"imageneta": "imagenet_a", "imagenetr": "imagenet_r"}
 

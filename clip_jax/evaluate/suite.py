@@ -16,6 +16,7 @@ from typing import Optional
 
 from clip_jax import storage
 from clip_jax.evaluate import runner
+from clip_jax.evaluate.registry import IMAGENET, IMAGENET_VARIANTS  # noqa: F401 (suite.IMAGENET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +74,6 @@ SUITES = {
               ("linear_probe", SuiteDataset("synthetic", None, "test")),
               ("retrieval", SuiteDataset("synthetic", None, "test"))],
 }
-# ImageNet's distribution-shifted variants (summary: each and their mean against ImageNet).
-IMAGENET = "imagenet2012"
-IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ def _rows(name: str, result: dict) -> list[dict]:
 
 def distribution_shift(results: list[dict]) -> Optional[dict]:
   """ImageNet top-1, each variant's, their mean and the mean's change from ImageNet."""
-  from clip_jax.evaluate.suite import IMAGENET, IMAGENET_VARIANTS
+  from clip_jax.evaluate.registry import IMAGENET, IMAGENET_VARIANTS
   acc = {r["name"]: r["result"]["metrics"]["acc1"] for r in results
          if r["result"]["task"] == "zeroshot_classification"}
   variants = {v: acc[v] for v in IMAGENET_VARIANTS if v in acc}
