@@ -323,7 +323,9 @@ def restore_params(path: str, weights: str = "auto") -> tuple[Any, CLIPConfig]:
   """Parameters and model config of a checkpoint, as host numpy arrays.
 
   `path`: a converted checkpoint (DIR/model_config.json + DIR/params, see clip_jax.params_io),
-  a training workdir (its latest step), its checkpoints/ dir or one checkpoints/<step> dir.
+  a training workdir (its latest step), its checkpoints/ dir or one checkpoints/<step> dir,
+  or a pretrained name (clip_jax.pretrained: openai:NAME, open_clip:ARCH/TAG, hf-hub:ORG/REPO,
+  local-dir:PATH), converted once into the cache.
   The params are unboxed, in the layer layout of the returned config (`scan_layers`); a
   ResNet's carry its BatchNorm running statistics under the top-level key `batch_stats`.
 
@@ -333,6 +335,9 @@ def restore_params(path: str, weights: str = "auto") -> tuple[Any, CLIPConfig]:
   never has them).
   """
   check_weights(weights)
+  from clip_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if pretrained.is_name(path):  # openai:NAME, open_clip:ARCH/TAG, hf-hub:..., local-dir:...
+    path = str(pretrained.resolve(path))
   if params_io.is_converted_dir(path):
     if weights == "ema":
       raise ValueError(f"{path} is a converted model (one set of weights, no EMA); weights="

@@ -280,8 +280,9 @@ def main(argv=None) -> int:
       prog="python -m clip_jax.export",
       description="Export a clip_jax model to Hugging Face CLIPModel, open_clip or OpenAI's clip.")
   parser.add_argument("--checkpoint", required=True,
-                      help="converted model dir, training workdir (latest step), or its "
-                           "checkpoints/<step> dir")
+                      help="converted model dir, training workdir (latest step), its "
+                           "checkpoints/<step> dir, or a pretrained name (openai:ViT-B/32, "
+                           "open_clip:ARCH/TAG, hf-hub:ORG/REPO, local-dir:PATH)")
   parser.add_argument("--format", required=True, choices=FORMATS,
                       help="hf: config.json + model.safetensors + tokenizer files; open_clip: "
                            f"{OPEN_CLIP_WEIGHTS} (+ .bin with --pt); openai: {OPENAI_WEIGHTS}")

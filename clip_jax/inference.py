@@ -147,7 +147,9 @@ class CLIPInference:
 
 def load(path, *, batch_size: int = 256, dtype: Optional[str] = None, weights: str = "auto",
          **convert_kwargs: Any) -> CLIPInference:
-  """Loads a CLIP for inference from a converted dir, a trainer workdir or step dir, or
+  """Loads a CLIP for inference from a pretrained name (`openai:ViT-B/32`,
+  `open_clip:ViT-B-32/laion2b_s34b_b79k`, `hf-hub:ORG/REPO`, `local-dir:PATH`: downloaded and
+  converted once, see clip_jax.pretrained), a converted dir, a trainer workdir or step dir, or
   PyTorch/safetensors weights (a file or a Hugging Face model dir, converted in memory;
   `convert_kwargs` go to `clip_jax.convert.convert_file`, e.g. source="open_clip", act="gelu").
 
@@ -156,7 +158,9 @@ def load(path, *, batch_size: int = 256, dtype: Optional[str] = None, weights: s
   and "ema" load the EMA weights, "params" the trained ones (see
   `clip_jax.checkpoint.restore_params`).
   """
-  from clip_jax import storage  # pylint: disable=g-import-not-at-top
+  from clip_jax import pretrained, storage  # pylint: disable=g-import-not-at-top
+  if pretrained.is_name(path):  # openai:NAME, open_clip:ARCH/TAG, hf-hub:ORG/REPO, local-dir:
+    path = pretrained.resolve(path)
   remote = storage.is_remote(path)  # gs://: a converted dir or a trainer workdir/step dir
   path = epath.Path(path) if remote else pathlib.Path(path)
   to_convert = not remote and (path.is_file() or (

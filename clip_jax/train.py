@@ -140,6 +140,10 @@ def validate_config(config, *, check_data: bool = True, check_mesh: bool = True)
   if config.init_towers not in INIT_TOWERS:
     raise ValueError(f"config.init_towers={config.init_towers!r} is unknown; use one of "
                      f"{INIT_TOWERS}")
+  if config.init_from:
+    from clip_jax import pretrained  # pylint: disable=g-import-not-at-top
+    if pretrained.is_name(config.init_from):  # openai:..., open_clip:..., hf-hub:..., local-dir:
+      pretrained.check_name(config.init_from)
   if config.init_towers != "both" and not config.init_from:
     raise ValueError(f"config.init_towers={config.init_towers!r} needs config.init_from")
   for name, eval_config in config.evals.items():

@@ -363,11 +363,14 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m clip_jax.convert",
       description="Convert OpenAI / open_clip / Hugging Face CLIP weights to clip_jax.")
-  parser.add_argument("--source", required=True, choices=SOURCES)
-  parser.add_argument("--input", required=True,
+  parser.add_argument("--list", action="store_true",
+                      help="print the pretrained names clip_jax.load and --checkpoint take "
+                           "(openai:..., open_clip:...; also hf-hub:ORG/REPO and local-dir:PATH)")
+  parser.add_argument("--source", choices=SOURCES)
+  parser.add_argument("--input",
                       help=".pt/.pth/.bin/.safetensors file, TorchScript archive, sharded "
                            "checkpoint index (*.index.json), or HF model dir")
-  parser.add_argument("--output", required=True, help="checkpoint dir to create")
+  parser.add_argument("--output", help="checkpoint dir to create")
   parser.add_argument("--model", choices=sorted(MODEL_CONFIGS) + list(OPEN_CLIP_NAMES),
                       metavar="NAME",
                       help="variant to check against (default: inferred from the shapes): one of "
@@ -379,6 +382,16 @@ def main(argv=None) -> int:
                            "open_clip)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
+  if args.list:
+    from clip_jax import pretrained_names  # pylint: disable=import-outside-toplevel
+    for name in pretrained_names.known_names():
+      print(name)
+    print("hf-hub:ORG/REPO[@REVISION]  (an open_clip or transformers CLIP repo)")
+    print("local-dir:PATH  (an open_clip or transformers CLIP model folder)")
+    return 0
+  missing = [f"--{flag}" for flag in ("source", "input", "output") if not getattr(args, flag)]
+  if missing:
+    parser.error(f"the following arguments are required: {', '.join(missing)}")
   try:
     config = convert(args.input, args.output, source=args.source, model=args.model, act=args.act,
                      overwrite=args.overwrite, notify=_print_note)

@@ -41,7 +41,9 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m clip_jax.evaluate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   where = parser.add_mutually_exclusive_group(required=True)
-  where.add_argument("--checkpoint", help="a converted model dir, a workdir or a checkpoint step dir")
+  where.add_argument("--checkpoint", help="a converted model dir, a workdir, a checkpoint step "
+                     "dir or a pretrained name (openai:ViT-B/32, open_clip:ARCH/TAG, "
+                     "hf-hub:ORG/REPO, local-dir:PATH)")
   where.add_argument("--workdir", help="a training workdir: its latest checkpoint")
   parser.add_argument("--weights", default="auto", choices=("auto", "ema", "params"),
                       help="a training checkpoint's EMA weights (auto: when it has them) or its "
@@ -88,7 +90,10 @@ def parse_args(argv):
 
 def _validate_common(args) -> None:
   path = args.checkpoint or args.workdir
-  if not storage.exists(path):
+  from clip_jax import pretrained
+  if args.checkpoint and pretrained.is_name(path):
+    pretrained.check_name(path)  # downloaded and converted (once) when the evaluator starts
+  elif not storage.exists(path):
     flag = "--checkpoint" if args.checkpoint else "--workdir"
     raise ValueError(f"{flag} {path} does not exist; pass a converted model dir, a training "
                      "workdir or a checkpoints/<step> dir")
