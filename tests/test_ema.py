@@ -235,6 +235,7 @@ def test_turning_the_ema_off_at_a_resume_drops_it(tmp_path, caplog):
   assert_trees_close(restored.params, state.params, atol=0)
 
 
+@pytest.mark.slow  # 30 s: a ResNet's train state; the ViT's EMA restore is in the default suite
 def test_resnet_ema_restores_with_its_running_statistics(tmp_path):
   # restore_params(weights="ema") of a ResNet: the EMA params and the EMA of the BatchNorm
   # running averages, under batch_stats as clip_jax.load expects.

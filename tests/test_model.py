@@ -63,7 +63,7 @@ def test_scanned_and_unrolled_layers_agree():
 
 
 @pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "dots",
-                                    "save_attn_out"])
+                                    pytest.param("save_attn_out", marks=pytest.mark.slow)])
 def test_remat_changes_nothing_numerically(policy):
   base = create_model("tiny")
   params = init_params(base, jax.random.PRNGKey(1))

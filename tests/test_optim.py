@@ -159,7 +159,8 @@ def test_decay_mask_paper_rule(params):
 
 
 def test_decay_mask_paper_rule_unscanned_and_resnet():
-  unscanned = init_params(create_model("tiny", scan_layers=False), jax.random.PRNGKey(0))
+  unscanned = jax.eval_shape(
+      lambda: init_params(create_model("tiny", scan_layers=False), jax.random.PRNGKey(0)))
   mask = optim.decay_mask(unscanned)
   block = mask["visual"]["transformer"]["resblocks_0"]
   assert block["attn"]["qkv"]["kernel"] and not block["ln_1"]["scale"]
