@@ -229,9 +229,8 @@ class Checkpointer:
   def _abstract_ema(abstract_state, state_shardings):
     """The target of a saved EMA (float32, sharded like the params) for a state without one."""
     from clip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-    ema = jax.eval_shape(step_lib.initial_ema, abstract_state.params, abstract_state.batch_stats)
-    return _shape_tree(ema, {"params": state_shardings.params,
-                             "batch_stats": state_shardings.batch_stats})
+    return _shape_tree(*step_lib.abstract_ema(abstract_state.params, abstract_state.batch_stats,
+                                              state_shardings.params, state_shardings.batch_stats))
 
   def wait(self) -> None:
     """Blocks until the asynchronous saves in flight are committed."""
@@ -352,16 +351,11 @@ def restore_params(path: str, weights: str = "auto") -> tuple[Any, CLIPConfig]:
                      "weights 'params' or 'auto'")
   use_ema = saved_ema and weights != "params"
   shapes = abstract_loaded_params(create_model(model_config))
-  params_item = _shape_tree({k: v for k, v in shapes.items() if k != BATCH_STATS})
-  stats_item = _shape_tree(shapes[BATCH_STATS]) if BATCH_STATS in shapes else None
-  if use_ema:
-    item = {"ema": {"params": params_item}}
-    if stats_item is not None:
-      item["ema"]["batch_stats"] = stats_item
-  else:
-    item = {"params": params_item}
-    if stats_item is not None:
-      item[BATCH_STATS] = stats_item
+  item = {"params": _shape_tree({k: v for k, v in shapes.items() if k != BATCH_STATS})}
+  if BATCH_STATS in shapes:
+    item[BATCH_STATS] = _shape_tree(shapes[BATCH_STATS])
+  if use_ema:  # TrainState.ema holds the same two trees (step.initial_ema)
+    item = {"ema": item}
   restored = ocp.PyTreeCheckpointer().restore(
       step_dir / "state",
       args=ocp.args.PyTreeRestore(item=item,

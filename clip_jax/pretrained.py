@@ -128,9 +128,8 @@ def _resolve(name: str) -> pathlib.Path:
 
 
 def _convert_url(name: str, weights: Weights) -> pathlib.Path:
-  key = _key("url", weights.sha256, weights.model, weights.act)
-  entry = _entry_dir(name, key)
-  if _complete(entry):
+  entry = _entry_dir(name, _key("url", weights.sha256, weights.model, weights.act))
+  if _complete(entry):  # converted already: the download is not needed, nor hashed again
     return entry
   path = download_url(weights.url, weights.sha256, name)
   return _convert_once(name, entry, path, source=weights.source, model=weights.model,
@@ -140,10 +139,8 @@ def _convert_url(name: str, weights: Weights) -> pathlib.Path:
 def _convert_hub(name: str, weights: Weights) -> pathlib.Path:
   path, kind = hub_weights_file(name, weights.hf_hub, weights.revision, weights.filename)
   commit = path.parent.name  # .../snapshots/<commit>/<file>
-  key = _key("hub", weights.hf_hub, commit, path.name, weights.model, weights.act)
-  entry = _entry_dir(name, key)
-  if _complete(entry):
-    return entry
+  entry = _entry_dir(name, _key("hub", weights.hf_hub, commit, path.name, weights.model,
+                                 weights.act))
   source = weights.source or ("open_clip" if kind == "open_clip" else "hf")
   return _convert_once(name, entry, path, source=source, model=weights.model or None,
                        act=weights.act or None)
@@ -160,10 +157,7 @@ def _convert_local(name: str, folder: pathlib.Path) -> pathlib.Path:
     raise PretrainedError(f"{name}: {folder} holds none of "
                           f"{', '.join(OPEN_CLIP_FILES + HF_FILES)} (an open_clip or "
                           "transformers model folder) nor a converted clip_jax model")
-  key = _key("file", file_sha256(path))
-  entry = _entry_dir(name, key)
-  if _complete(entry):
-    return entry
+  entry = _entry_dir(name, _key("file", file_sha256(path)))
   return _convert_once(name, entry, path, source="open_clip" if kind == "open_clip" else "hf")
 
 

@@ -96,16 +96,21 @@ def _ema_of(tree):
 
 def initial_ema(params, batch_stats) -> dict:
   """The EMA at the start: a copy of the weights."""
-  return {"params": _ema_of(params), "batch_stats": _ema_of(batch_stats)}
+  return _ema_of({"params": params, "batch_stats": batch_stats})
+
+
+def abstract_ema(params, batch_stats, param_shardings, stats_shardings):
+  """(the EMA's ShapeDtypeStructs, its shardings: those of the weights it averages)."""
+  return (jax.eval_shape(initial_ema, params, batch_stats),
+          {"params": param_shardings, "batch_stats": stats_shardings})
 
 
 def update_ema(ema: dict, params, batch_stats, step, decay: float, start_step: int) -> dict:
   """The EMA after the update to `step`: decay * ema + (1 - decay) * weights, a copy before
   start_step."""
   d = jnp.where(step < start_step, 0.0, decay).astype(EMA_DTYPE)
-  mix = lambda e, x: d * e + (1.0 - d) * jnp.asarray(x, EMA_DTYPE)  # noqa: E731
-  return {"params": jax.tree_util.tree_map(mix, ema["params"], params),
-          "batch_stats": jax.tree_util.tree_map(mix, ema["batch_stats"], batch_stats)}
+  return jax.tree_util.tree_map(lambda e, x: d * e + (1.0 - d) * jnp.asarray(x, EMA_DTYPE),
+                                ema, {"params": params, "batch_stats": batch_stats})
 
 
 def model_config_from(config) -> CLIPConfig:
@@ -191,9 +196,8 @@ def abstract_train_state(config, mesh: Mesh):
   stats_shardings = shd.logical_to_shardings(boxed_stats, mesh, rules)
   batch_stats = _unbox(boxed_stats)
   ema, ema_shardings = {}, {}
-  if ema_settings(config)[0]:  # sharded like the weights it averages
-    ema = jax.eval_shape(initial_ema, params, batch_stats)
-    ema_shardings = {"params": param_shardings, "batch_stats": stats_shardings}
+  if ema_settings(config)[0]:
+    ema, ema_shardings = abstract_ema(params, batch_stats, param_shardings, stats_shardings)
   shardings = TrainState(step=shd.replicated(mesh), params=param_shardings,
                          opt_state=opt_shardings, batch_stats=stats_shardings, ema=ema_shardings)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,

@@ -19,24 +19,11 @@ from clip_jax import sharding as shd
 from clip_jax import step as st
 from clip_jax import train as train_lib
 from clip_jax.evaluate.runner import Evaluator
-from configs.common import get_config
+from test_step import B, config as step_config  # the tiny model at batch 16
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
-
-B = 16
-
-
-def step_config(**kw):
-  c = get_config()
-  c.model = "tiny"
-  c.batch_size = B
-  c.total_steps = 10
-  c.optimizer.warmup_steps = 0
-  c.update(kw)
-  return c
-
 
 def batches(mesh, n, seed=0):
   rng = np.random.default_rng(seed)
