@@ -147,12 +147,29 @@ def _fraction(steps, of_steps: int):
   return jnp.clip(steps.astype(jnp.float32) / max(of_steps, 1), 0.0, 1.0)
 
 
+def epoch_samples(config) -> Optional[int]:
+  """The samples of one epoch, for schedules and logging: config.data.samples_per_epoch (a
+  virtual epoch: an endless mixture, resampled shards, a size not known), else
+  config.num_train_examples, else None."""
+  data = config.get("data", None)
+  virtual = data.get("samples_per_epoch", None) if data is not None else None
+  return int(virtual) if virtual else config.get("num_train_examples", None)
+
+
+def epoch_size_fields(config) -> str:
+  """The config fields epoch_samples read, as an error message names them."""
+  data = config.get("data", None)
+  if data is not None and data.get("samples_per_epoch", None):
+    return "config.data.samples_per_epoch"
+  return "config.num_train_examples"
+
+
 def total_steps_from(config) -> Optional[int]:
-  """config.total_steps, else ceil(epochs * num_train_examples / batch_size), else None."""
+  """config.total_steps, else ceil(epochs * epoch_samples / batch_size), else None."""
   if config.get("total_steps", None):
     return int(config.total_steps)
-  if config.get("epochs", None) and config.get("num_train_examples", None):
-    return int(math.ceil(config.epochs * config.num_train_examples / config.batch_size))
+  if config.get("epochs", None) and epoch_samples(config):
+    return int(math.ceil(config.epochs * epoch_samples(config) / config.batch_size))
   return None
 
 
@@ -163,7 +180,7 @@ def make_schedule(config, total_steps: Optional[int] = None) -> Callable:
   needs_total = opt.schedule in ("cosine", "linear") or opt.get("cooldown_steps", 0)
   if needs_total and not total_steps:
     raise ValueError(f"optimizer.schedule={opt.schedule!r} needs config.total_steps (or epochs "
-                     "and num_train_examples)")
+                     "and num_train_examples or data.samples_per_epoch)")
   kwargs = dict(schedule=opt.schedule, learning_rate=opt.learning_rate,
                 warmup_steps=int(opt.warmup_steps), total_steps=total_steps,
                 end_lr_factor=opt.get("end_lr_factor", 0.0),

@@ -87,26 +87,29 @@ def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
 
 
 def resolve_total_steps(config) -> int:
-  """config.total_steps, or epochs * num_train_examples / batch_size (rounded up)."""
-  if config.total_steps is not None:
-    return int(config.total_steps)
-  if config.epochs is None or config.num_train_examples is None:
-    raise ValueError("set config.total_steps, or both config.epochs and "
-                     "config.num_train_examples")
-  return int(math.ceil(config.epochs * config.num_train_examples / config.batch_size))
+  """config.total_steps, or epochs * (data.samples_per_epoch or num_train_examples) /
+  batch_size (rounded up)."""
+  from clip_jax import optim  # pylint: disable=g-import-not-at-top
+  total_steps = optim.total_steps_from(config)
+  if total_steps is None:
+    raise ValueError("set config.total_steps, or config.epochs and the epoch's size "
+                     "(config.num_train_examples, or config.data.samples_per_epoch)")
+  return total_steps
 
 
 def _validate_step_counts(config) -> None:
   """total_steps positive; it, warmup and cooldown within the int32 step of the state."""
+  from clip_jax import optim  # pylint: disable=g-import-not-at-top
   total_steps = resolve_total_steps(config)
   if total_steps <= 0:
     raise ValueError(f"total_steps={total_steps} must be positive (config.total_steps or "
-                     "config.epochs * config.num_train_examples / config.batch_size)")
+                     f"config.epochs * {optim.epoch_size_fields(config)} / config.batch_size)")
   too_many = f"exceeds {MAX_STEPS}, the largest step the train state holds (int32)"
   if total_steps > MAX_STEPS:
     if config.total_steps is not None:
       raise ValueError(f"total_steps={total_steps} (config.total_steps) {too_many}")
-    raise ValueError(f"total_steps={total_steps} (config.epochs * config.num_train_examples / "
+    raise ValueError(f"total_steps={total_steps} (config.epochs * "
+                     f"{optim.epoch_size_fields(config)} / "
                      f"config.batch_size) {too_many}; raise config.batch_size or set "
                      "config.total_steps")
   for field in ("warmup_steps", "cooldown_steps"):
@@ -468,18 +471,22 @@ def _check_finite(step: int, values: dict[str, float]) -> None:
         "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm")
 
 
-def input_stats(skipped_samples: int, wait_s: float) -> dict[str, float]:
-  """data/skipped_samples (summed over the processes) and data/wait_s (the slowest
-  process's seconds per step waiting for a batch); a host collective when multi-process."""
-  # The count as two int32 words: the allgather goes through jax arrays, int32 without x64.
-  data = {"skipped": np.asarray(divmod(skipped_samples, 2**31), np.int32),
-          "wait": np.asarray([wait_s], np.float32)}
+def input_stats(counters: dict[str, int], wait_s: float) -> dict[str, float]:
+  """The input's counters summed over the processes (data/skipped_samples,
+  data/caption_fallbacks, a mixture's data/NAME/samples and data/NAME/skipped_samples: see
+  DataIterator.counters) and data/wait_s (the slowest process's seconds per step waiting for
+  a batch); a host collective when multi-process."""
+  names = sorted(counters)
+  # Each count as two int32 words: the allgather goes through jax arrays, int32 without x64.
+  words = np.asarray([divmod(int(counters[n]), 2**31) for n in names], np.int32).reshape(-1, 2)
+  data = {"counts": words, "wait": np.asarray([wait_s], np.float32)}
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     data = multihost_utils.process_allgather(data)
-  high, low = np.asarray(data["skipped"], np.int64).reshape(-1, 2).sum(axis=0)
-  return {"data/skipped_samples": int(high) * 2**31 + int(low),
-          "data/wait_s": float(np.max(data["wait"]))}
+  summed = np.asarray(data["counts"], np.int64).reshape(-1, len(names), 2).sum(axis=0)
+  out = {n: int(high) * 2**31 + int(low) for n, (high, low) in zip(names, summed)}
+  out["data/wait_s"] = float(np.max(data["wait"]))
+  return out
 
 
 class StepLog:
@@ -498,14 +505,17 @@ class StepLog:
     self._flops = functools.lru_cache()(
         lambda rate: train_flops_per_step(run.model_config, run.config.batch_size, rate))
     self._device_kind = jax.devices()[0].device_kind
-    self._pending: Optional[tuple[int, Any, float]] = None  # (step, metrics, data wait)
+    from clip_jax import optim  # pylint: disable=g-import-not-at-top
+    self._epoch_samples = optim.epoch_samples(run.config)
+    self._pending: Optional[tuple] = None  # (step, metrics, data wait, input counters)
     self._last_time, self._last_step, self._data_wait = time.time(), start_step, 0.0
     self.last_metrics: dict[str, float] = {}  # the last logged values and evaluations
 
   def after_step(self, step: int, metrics, data_wait: float) -> None:
     """Queues `step`'s metrics and finishes the step before it."""
     self.flush()
-    self._pending = (step, metrics, data_wait)
+    # The input's counters now: through the batches of steps 1 .. step.
+    self._pending = (step, metrics, data_wait, self._train_iter.counters())
 
   def flush(self) -> None:
     """Finishes the queued step now (before an evaluation, a save, the end)."""
@@ -513,15 +523,15 @@ class StepLog:
       pending, self._pending = self._pending, None
       self._finish(*pending)
 
-  def _finish(self, step: int, metrics, data_wait: float) -> None:
+  def _finish(self, step: int, metrics, data_wait: float, counters: dict[str, int]) -> None:
     """Fetches a step's metrics, checks them, and logs them every config.log_every steps."""
     values = _fetch(metrics)
     _check_finite(step, values)
     self._data_wait += data_wait
     if step % self._run.config.log_every == 0 or step == self._run.total_steps:
-      self._log(step, values)
+      self._log(step, values, counters)
 
-  def _log(self, step: int, values: dict[str, float]) -> None:
+  def _log(self, step: int, values: dict[str, float], counters: dict[str, int]) -> None:
     from clip_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     now = time.time()
     steps = max(step - self._last_step, 1)
@@ -531,8 +541,10 @@ class StepLog:
     values["samples_per_s"] = self._run.config.batch_size / step_time
     # The host fetches a batch while the device computes the step before it, so a wait well
     # below step_time_s costs nothing; one near it means the input pipeline limits the run.
-    values.update(input_stats(self._train_iter.skipped_samples, self._data_wait / steps))
+    values.update(input_stats(counters, self._data_wait / steps))
     self._data_wait = 0.0
+    if self._epoch_samples:  # epochs seen, of config.data.samples_per_epoch or the dataset
+      values["epoch"] = step * self._run.config.batch_size / self._epoch_samples
     from clip_jax.step import patch_dropout_at  # pylint: disable=g-import-not-at-top
     flops = self._flops(patch_dropout_at(self._run.config, step - 1, self._run.total_steps))
     values["flops_per_step"] = float(flops)

@@ -68,8 +68,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.ema_start_step = 0               # the EMA copies the weights until this step
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"        # synthetic | tfds | wds | csv | files
-  c.data.path = ""                   # wds shards/{00000..00127}.tar, csv file(s), files folder
+  c.data.source = "synthetic"        # synthetic | tfds | wds | csv | files | mix
+  c.data.path = ""                   # wds shards/{00000..00127}.tar, csv file(s), files folder;
+  #                                    mix: "KIND:PATH::KIND:PATH..." (clip_jax.data.mixture)
+  c.data.mix_weights = ""            # mix: relative weights "W1::W2..." (default equal)
+  c.data.mix_names = ""              # mix: metric names "N1::N2..." (default the kinds)
+  c.data.caption_keys = "txt"        # wds/files: "txt::recap.txt", "json:caption::json:recap";
+  #                                    csv: column names (clip_jax.data.captions)
+  c.data.caption_probs = ""          # the keys' relative probabilities "P1::P2..." (default equal)
+  c.data.samples_per_epoch = config_dict.placeholder(int)  # epoch length for schedules/logging
   c.data.name = ""                   # tfds dataset name
   c.data.split = "train"
   c.data.data_dir = config_dict.placeholder(str)

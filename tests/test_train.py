@@ -190,5 +190,5 @@ def test_run_longer_than_the_int32_step_is_one_clear_error(tmp_path):
 
 
 def test_skipped_samples_beyond_int32_are_counted():
-  assert train_lib.input_stats(5_000_000_000, 0.25) == {"data/skipped_samples": 5_000_000_000,
-                                                        "data/wait_s": 0.25}
+  counters = {"data/skipped_samples": 5_000_000_000, "data/mix/samples": 2**40 + 3}
+  assert train_lib.input_stats(counters, 0.25) == dict(counters, **{"data/wait_s": 0.25})

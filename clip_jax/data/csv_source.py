@@ -67,15 +67,24 @@ def _header(csv_file: str, separator: str) -> tuple[list[str], bool]:
   return header, has_rows
 
 
-def validate(path: str, image_key: str, caption_key: str, separator: str) -> list[str]:
+def _caption_columns(caption_key: str, picker) -> list[str]:
+  return [name for _, name in picker.keys] if picker is not None else [caption_key]
+
+
+def validate(path: str, image_key: str, caption_key: str, separator: str,
+             picker=None) -> list[str]:
   """The CSV files of `path`; ValueError (one line) for no match, an empty file or a missing
-  column (naming the columns there are)."""
+  column (naming the columns there are). picker: a captions.CaptionPicker of caption columns
+  (config.data.caption_keys), which then replace `caption_key`."""
   separator = _separator(separator)
   files = _files(path)
   any_rows = False
+  field = "caption_keys" if picker is not None else "csv_caption_key"
+  columns = [("csv_image_key", image_key)] + [
+      (field, name) for name in _caption_columns(caption_key, picker)]
   for csv_file in files:
     header, has_rows = _header(csv_file, separator)
-    for field, key in (("csv_image_key", image_key), ("csv_caption_key", caption_key)):
+    for field, key in columns:
       if key not in header:
         raise ValueError(f"config.data.{field}={key!r} is not a column of {csv_file!r} "
                          f"(columns: {header}; config.data.csv_separator={separator!r})")
@@ -86,22 +95,29 @@ def validate(path: str, image_key: str, caption_key: str, separator: str) -> lis
 
 
 class CsvSource:
-  """Random access to the (image path, caption) rows of CSV/TSV files."""
+  """Random access to the (image path, caption) rows of CSV/TSV files.
+
+  With a captions.CaptionPicker (config.data.caption_keys naming columns), each record
+  carries the values of those columns as "caption_options", for the sample's own draw.
+  """
 
   draws_captions = False  # `record` ignores its rng: RecordLoader passes None
 
   def __init__(self, path: str, image_key: str = "filepath", caption_key: str = "title",
-               separator: str = "\t"):
+               separator: str = "\t", picker=None):
     separator = _separator(separator)
     self.name = path
-    images, captions, keys = [], [], []
-    for csv_file in validate(path, image_key, caption_key, separator):
+    self._picker = picker
+    images, captions, keys, options = [], [], [], []
+    for csv_file in validate(path, image_key, caption_key, separator, picker):
       folder = _folder(csv_file)
       with wds.open_binary(csv_file) as f:
         lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
         reader = csv.reader(lines, delimiter=separator)
         header = next(reader)
-        image_column, caption_column = header.index(image_key), header.index(caption_key)
+        image_column = header.index(image_key)
+        caption_column = header.index(_caption_columns(caption_key, picker)[0])
+        option_columns = [header.index(c) for c in _caption_columns(caption_key, picker)]
         for row in reader:
           if not row:  # blank line
             continue
@@ -109,14 +125,18 @@ class CsvSource:
           if len(row) != len(header):
             images.append(None)  # malformed: counted as skipped when read
             captions.append(f"{len(row)} fields, the header has {len(header)}")
+            options.append(None)
             continue
           image = row[image_column].strip()
           images.append(_join(folder, image) if image else "")
           captions.append(row[caption_column])
+          options.append(tuple(row[c] for c in option_columns) if picker is not None else None)
     # Object arrays pickle (into grain's worker processes) much faster than lists of str.
     self._images = np.array(images, dtype=object)
     self._captions = np.array(captions, dtype=object)
     self._keys = np.array(keys, dtype=object)
+    self._options = np.empty(len(options), dtype=object)
+    self._options[:] = options
 
   def __len__(self) -> int:
     return len(self._images)
@@ -130,4 +150,8 @@ class CsvSource:
       raise ValueError(f"malformed CSV row {key}: {caption}")
     if not image:
       raise ValueError(f"CSV row {key} has an empty image path")
-    return {"image": image, "caption": caption, "captions": [caption], "label": -1, "key": key}
+    record = {"image": image, "caption": caption, "captions": [caption], "label": -1,
+              "key": key}
+    if self._picker is not None:
+      record["caption_options"] = dict(zip(self._picker.keys, self._options[index]))
+    return record

@@ -154,13 +154,18 @@ def validate(path: str, cache_dir: Optional[str] = None) -> None:
 
 
 class FilesSource:
-  """Random access to the (image, caption) pairs of a files-layout tree."""
+  """Random access to the (image, caption) pairs of a files-layout tree.
 
-  draws_captions = False  # `record` ignores its rng: RecordLoader passes None
+  With a captions.CaptionPicker (config.data.caption_keys such as "txt::recap.txt" or
+  "json:caption::json:recaption"), `record` draws the caption with its rng, reading only
+  the drawn file (and others only to fall back).
+  """
 
-  def __init__(self, path: str, cache_dir: Optional[str] = None):
+  def __init__(self, path: str, cache_dir: Optional[str] = None, picker=None):
     index = build_index(path, cache_dir)
     self.name = path
+    self._picker = picker
+    self.draws_captions = picker is not None  # else `record` ignores its rng (None)
     self._roots = index["roots"]
     self._root_of = np.asarray(index["root_of"], np.int32)
     self._images = np.array(index["images"], dtype=object)
@@ -175,9 +180,15 @@ class FilesSource:
 
   def record(self, index: int, rng: Optional[np.random.Generator] = None) -> dict:
     """{"image": path (read and decoded by the loader), "caption" (the whole .txt),
-    "captions" (its non-empty lines), "label" -1, "key"}; OSError for an unreadable .txt."""
-    del rng  # one caption file per image
+    "captions" (its non-empty lines), "label" -1, "key"}; OSError for an unreadable .txt.
+    With caption keys, "caption" is the drawn one and "caption_fallback" says whether the
+    drawn key was missing."""
     image = self._images[index]
+    if self._picker is not None:
+      caption, fell_back = self._picker.pick(self._caption_reader(index), rng)
+      return {"image": self._path(index, image), "caption": caption or "",
+              "captions": [caption] if caption else [], "label": -1, "key": image,
+              "caption_fallback": int(fell_back)}
     caption = ""
     if self._has_text[index]:
       text_file = self._path(index, os.path.splitext(image)[0] + ".txt")
@@ -185,3 +196,26 @@ class FilesSource:
     captions = [line.strip() for line in caption.splitlines() if line.strip()]
     return {"image": self._path(index, image), "caption": caption, "captions": captions,
             "label": -1, "key": image}
+
+  def _caption_reader(self, index: int):
+    """key -> the caption value of record `index` (None when its file or field is absent)."""
+    stem = os.path.splitext(self._images[index])[0]
+    meta = {}
+
+    def value(key):
+      kind, name = key
+      if kind == "json":
+        if "json" not in meta:
+          try:
+            meta["json"] = json.loads(wds.read_bytes(self._path(index, stem + ".json")))
+          except (FileNotFoundError, ValueError):
+            meta["json"] = None
+        return meta["json"].get(name) if isinstance(meta["json"], dict) else None
+      if name == "txt" and not self._has_text[index]:
+        return None  # the index knows: no read
+      try:
+        return wds.read_bytes(self._path(index, f"{stem}.{name}")).decode("utf-8",
+                                                                          errors="replace")
+      except FileNotFoundError:
+        return None
+    return value

@@ -10,7 +10,9 @@ config.data.image_dtype "uint8" they stay uint8 there too, for the jitted step t
 
 Sources: synthetic (a seed stream), wds (tar shards, streamed) and the random-access record
 sources (tfds, csv, files, imagefolder; see record_source), which share RecordSchedule and
-RecordLoader: per-process parts, a new order per epoch, exact resume on any process count.
+RecordLoader: per-process parts, a new order per epoch, exact resume on any process count;
+and "mix", a weighted mixture of them (clip_jax.data.mixture). Several captions per sample
+(config.data.caption_keys): clip_jax.data.captions.
 
 Every sample carries (epoch, index); its augmentation randomness is derived from
 (seed, epoch, index), so restoring the grain iterator state replays the stream exactly.
@@ -29,12 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip_jax.data import captions
+from clip_jax.data import mixture
 from clip_jax.data import synthetic
 from clip_jax.data import transforms
 from clip_jax.data import wds
 from clip_jax.models.configs import OPENAI_MEAN, OPENAI_STD
 
-SOURCES = ("synthetic", "tfds", "wds", "csv", "files", "imagefolder")
+SOURCES = ("synthetic", "tfds", "wds", "csv", "files", "imagefolder", "mix")
 # Random-access sources: a record index space, sharded, shuffled and resumed by RecordSchedule.
 RECORD_SOURCES = ("tfds", "csv", "files", "imagefolder")
 IMAGE_DTYPES = ("float32", "bfloat16", "uint8")
@@ -62,14 +66,20 @@ def validate_data_config(config, cache_dir: Optional[str] = None) -> None:
     raise ValueError(f"config.data.image_dtype={data.image_dtype!r}: use one of {IMAGE_DTYPES}")
   if data.num_workers < 0:
     raise ValueError(f"config.data.num_workers={data.num_workers} must be >= 0")
-  if data.source == "wds":
+  samples_per_epoch = _data_option(config, "samples_per_epoch", None)
+  if samples_per_epoch is not None and int(samples_per_epoch) <= 0:
+    raise ValueError(f"config.data.samples_per_epoch={samples_per_epoch} must be positive")
+  picker = captions.picker(config, data.source)  # checks caption_keys / caption_probs
+  if data.source == "mix":
+    mixture.validate(config, cache_dir, _csv_options(config))
+  elif data.source == "wds":
     wds.validate_shards(data.path)
   elif data.source == "tfds":
     from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     tfds_source.validate(data.name, data.split, data.data_dir)
   elif data.source == "csv":
     from clip_jax.data import csv_source  # pylint: disable=g-import-not-at-top
-    csv_source.validate(data.path, *_csv_options(config))
+    csv_source.validate(data.path, *_csv_options(config), picker=picker)
   elif data.source == "files":
     from clip_jax.data import files_source  # pylint: disable=g-import-not-at-top
     files_source.validate(data.path, cache_dir)
@@ -84,25 +94,33 @@ def _csv_options(config) -> tuple[str, str, str]:
           str(_data_option(config, "csv_separator", "\t")))
 
 
-def record_source(config, cache_dir: Optional[str] = None):
+def record_source(config, cache_dir: Optional[str] = None, *, kind: Optional[str] = None,
+                  path: Optional[str] = None, split: Optional[str] = None, picker=None):
   """The random-access source of config.data (one of RECORD_SOURCES): `len`, `.name` and
   `.record(index, rng)` -> {"image": bytes | uint8 HWC | path, "caption", "captions",
-  "label", "key"}; `.draws_captions` False: `record` uses no rng and gets None."""
+  "label", "key"}; `.draws_captions` False: `record` uses no rng and gets None.
+
+  kind/path/split (a mixture's component) replace config.data.source/path (tfds: name)/split;
+  picker: the captions.CaptionPicker of config.data.caption_keys (csv, files; training).
+  """
   data = config.data
-  if data.source == "tfds":
+  kind = data.source if kind is None else kind
+  if kind == "tfds":
     from clip_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.TfdsSource(data.name, data.split, data.data_dir)
-  if data.source == "csv":
+    return tfds_source.TfdsSource(data.name if path is None else path,
+                                  data.split if split is None else split, data.data_dir)
+  path = data.path if path is None else path
+  if kind == "csv":
     from clip_jax.data import csv_source  # pylint: disable=g-import-not-at-top
-    return csv_source.CsvSource(data.path, *_csv_options(config))
-  if data.source == "files":
+    return csv_source.CsvSource(path, *_csv_options(config), picker=picker)
+  if kind == "files":
     from clip_jax.data import files_source  # pylint: disable=g-import-not-at-top
-    return files_source.FilesSource(data.path, cache_dir)
-  if data.source == "imagefolder":
+    return files_source.FilesSource(path, cache_dir, picker=picker)
+  if kind == "imagefolder":
     from clip_jax.data import imagefolder  # pylint: disable=g-import-not-at-top
     classnames = _data_option(config, "classnames", None) or None
-    return imagefolder.ImageFolderSource(data.path, classnames=classnames)
-  raise ValueError(f"config.data.source={data.source!r} is not one of {RECORD_SOURCES}")
+    return imagefolder.ImageFolderSource(path, classnames=classnames)
+  raise ValueError(f"config.data.source={kind!r} is not one of {RECORD_SOURCES}")
 
 
 # ----------------------------------------------------------------------------- samples
@@ -129,23 +147,30 @@ def _caption_tuple(captions: Sequence[str]) -> np.ndarray:
 
 
 def finish_sample(raw: dict, *, image_size: int, train: bool, scale: Sequence[float],
-                  seed: int, with_labels: bool, all_captions: bool = False) -> dict:
+                  seed: int, with_labels: bool, all_captions: bool = False,
+                  picker: Optional[captions.CaptionPicker] = None) -> dict:
   """Raw record -> {"images" uint8, "tokens"[, "labels"]}, or a skip marker for bad input.
 
   With all_captions, "captions" (a 0-d object array holding the tuple of every non-empty
-  caption of the image, from raw["captions"]) replaces "tokens".
+  caption of the image, from raw["captions"]) replaces "tokens". With a picker and the
+  record's "caption_options" (wds, csv), the caption is drawn among them from the sample's
+  own stream (seed + 1, epoch, index); "caption_fallback" 1 marks a drawn key that was absent.
   """
   key, shard = raw.get("key", "?"), raw.get("shard")
   if raw.get("error"):
     return _skip(key, shard, raw["error"])
+  index = raw["index"] if isinstance(raw["index"], tuple) else (raw["index"],)
+  fell_back = int(raw.get(captions.FALLBACK, 0))
   if all_captions:
-    captions = [c.strip() for c in raw.get("captions", ()) if c and c.strip()]
-    caption = captions[0] if captions else None
+    texts = [c.strip() for c in raw.get("captions", ()) if c and c.strip()]
+    caption = texts[0] if texts else None
+  elif picker is not None and "caption_options" in raw:
+    caption, fell_back = picker.pick(raw["caption_options"].get,
+                                     transforms.sample_rng(seed + 1, raw["epoch"], *index))
   else:
     caption = raw.get("caption")
   if not caption or not caption.strip():
     return _skip(key, shard, "missing or empty caption")
-  index = raw["index"] if isinstance(raw["index"], tuple) else (raw["index"],)
   rng = transforms.sample_rng(seed, raw["epoch"], *index)
   try:
     image = transforms.crop_and_resize(raw["image"], image_size, train=train, rng=rng, scale=scale)
@@ -153,11 +178,13 @@ def finish_sample(raw: dict, *, image_size: int, train: bool, scale: Sequence[fl
     # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...).
     return _skip(key, shard, f"undecodable image: {type(e).__name__}: {e}")
   if all_captions:
-    out = {"images": image, "captions": _caption_tuple(captions)}
+    out = {"images": image, "captions": _caption_tuple(texts)}
   else:
     out = {"images": image, "tokens": transforms.tokenize_caption(caption)}
   if with_labels:
     out["labels"] = np.int32(raw.get("label", -1))
+  if fell_back:
+    out[captions.FALLBACK] = 1
   return out
 
 
@@ -286,17 +313,23 @@ TfdsLoader = RecordLoader  # the name before csv/files/imagefolder shared it
 
 class _CountSkipsIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, num_sources: int):
     super().__init__(parent)
+    self._num_sources = num_sources
 
   def __next__(self) -> dict:
-    skipped = 0
+    skipped = np.zeros(max(self._num_sources, 1), np.int32)
     while True:
       element = next(self._parent)
+      source = int(element.pop("source", 0))
       if _SKIPPED in element:
-        skipped += 1
+        skipped[source] += 1
         continue
-      element["num_skipped"] = np.int32(skipped)
+      element["num_skipped"] = np.int32(skipped.sum())
+      element["num_fallbacks"] = np.int32(element.pop(captions.FALLBACK, 0))
+      if self._num_sources:
+        element["source"] = np.int32(source)
+        element["source_skipped"] = skipped
       return element
 
   def get_state(self):
@@ -307,13 +340,27 @@ class _CountSkipsIterator(grain.DatasetIterator):
 
 
 class CountSkipsIterDataset(grain.IterDataset):
-  """Drops skip markers and adds their number to the next good sample (`num_skipped`).
+  """Drops skip markers and adds their number to the next good sample (`num_skipped`), and
+  whether its caption fell back to another key (`num_fallbacks`). With num_sources (a
+  mixture's), also the sample's `source` and the skips per source (`source_skipped`).
 
-  The count rides inside the batch, so it survives worker processes and checkpoints.
+  The counts ride inside the batch, so they survive worker processes and checkpoints.
   """
 
+  def __init__(self, parent: grain.IterDataset, num_sources: int = 0):
+    super().__init__(parent)
+    self._num_sources = num_sources
+
   def __iter__(self):
-    return _CountSkipsIterator(self._parent.__iter__())
+    return _CountSkipsIterator(self._parent.__iter__(), self._num_sources)
+
+
+_COUNTS = ("num_skipped", "num_fallbacks", "source", "source_skipped")
+
+
+def pop_counts(batch: dict) -> dict:
+  """The counting fields of a batch (see CountSkipsIterDataset), removed from it."""
+  return {k: batch.pop(k) for k in _COUNTS if k in batch}
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -339,12 +386,28 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
   seed = int(config.seed)
   if all_captions and train:
     raise ValueError("all_captions is for evaluation; the training stream uses one caption")
-  finish = functools.partial(
-      finish_sample, image_size=image_size, train=train,
-      scale=(float(data.min_scale), float(data.max_scale)), seed=seed, with_labels=not train,
-      all_captions=all_captions)
+
+  def finisher(seed, kind):
+    return functools.partial(
+        finish_sample, image_size=image_size, train=train,
+        scale=(float(data.min_scale), float(data.max_scale)), seed=seed, with_labels=not train,
+        all_captions=all_captions, picker=captions.picker(config, kind) if train else None)
+
+  finish = finisher(seed, data.source)
   num_threads = int(_data_option(config, "num_threads", 8))
-  if data.source == "synthetic" or data.source in RECORD_SOURCES:
+  read_options = grain.ReadOptions(num_threads=num_threads,
+                                   prefetch_buffer_size=max(2 * local_batch, 16))
+  num_sources = 0  # not a mixture: no per-source counts
+  if data.source == "mix":
+    if not train:
+      raise ValueError("config.data.source='mix' is for training; evaluate on one source")
+    components = mixture.parse(config)
+    num_sources = len(components)
+    dataset = _mixture_dataset(config, components, finisher, local_batch=local_batch,
+                               process_index=process_index, process_count=process_count,
+                               first_position=first_position, cache_dir=cache_dir,
+                               image_size=image_size, read_options=read_options)
+  elif data.source == "synthetic" or data.source in RECORD_SOURCES:
     if data.source == "synthetic":
       if not train and num_examples is None:
         raise ValueError("make_eval_iterator on the synthetic source needs num_examples")
@@ -354,7 +417,8 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
       loader = SyntheticLoader(finish, seed=seed, image_size=image_size, held_out=not train,
                                num_captions=num_captions)
     else:
-      source = record_source(config, cache_dir)
+      source = record_source(config, cache_dir,
+                             picker=captions.picker(config, data.source) if train else None)
       schedule = RecordSchedule(len(source), seed=seed, process_index=process_index,
                                 process_count=process_count, shuffle=train,
                                 num_epochs=None if train else 1, first_position=first_position,
@@ -363,27 +427,16 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
     dataset = grain.MapDataset.source(schedule).map(loader)
     if not train and num_examples is not None and data.source != "synthetic":
       dataset = dataset[:len(range(process_index, num_examples, process_count))]
-    dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=max(2 * local_batch, 16)))
+    dataset = dataset.to_iter_dataset(read_options)
   elif data.source == "wds":
     if first_position:
       raise ValueError("config.data.source='wds' streams shards and cannot start at a sample "
                        "position; resume it on the number of processes that wrote the checkpoint")
-    shards = wds.validate_shards(data.path)
-    schedule = wds.ShardSchedule(shards, seed=seed, process_index=process_index,
-                                 process_count=process_count,
-                                 resample=bool(data.resample_shards) and train,
-                                 num_epochs=None if train else 1)
-    dataset = grain.experimental.InterleaveIterDataset(
-        grain.MapDataset.source(schedule),
-        cycle_length=int(_data_option(config, "cycle_length", 4)))
-    if train and data.shuffle_buffer > 1:
-      dataset = grain.experimental.WindowShuffleIterDataset(
-          dataset, window_size=int(data.shuffle_buffer), seed=seed)
-    dataset = dataset.map(finish)
+    dataset = _wds_dataset(config, data.path, finish, seed=seed, process_index=process_index,
+                           process_count=process_count, train=train)
   else:
     raise ValueError(f"config.data.source={data.source!r} is not one of {SOURCES}")
-  dataset = CountSkipsIterDataset(dataset)
+  dataset = CountSkipsIterDataset(dataset, num_sources)
   dataset = dataset.batch(local_batch, drop_remainder=train)
   if data.num_workers > 0:
     if not flags.FLAGS.is_parsed():
@@ -396,6 +449,60 @@ def build_dataset(config, *, image_size: int, local_batch: int, train: bool,
     dataset = grain.experimental.ThreadPrefetchIterDataset(
         dataset, prefetch_buffer_size=int(_data_option(config, "prefetch_batches", 2)))
   return dataset
+
+
+def _wds_dataset(config, path: str, finish, *, seed: int, process_index: int,
+                 process_count: int, train: bool) -> grain.IterDataset:
+  """This process's stream of finished samples of the wds shards of `path`."""
+  data = config.data
+  schedule = wds.ShardSchedule(wds.validate_shards(path), seed=seed, process_index=process_index,
+                               process_count=process_count,
+                               resample=bool(data.resample_shards) and train,
+                               num_epochs=None if train else 1,
+                               picker=captions.picker(config, "wds") if train else None)
+  dataset = grain.experimental.InterleaveIterDataset(
+      grain.MapDataset.source(schedule), cycle_length=int(_data_option(config, "cycle_length", 4)))
+  if train and data.shuffle_buffer > 1:
+    dataset = grain.experimental.WindowShuffleIterDataset(
+        dataset, window_size=int(data.shuffle_buffer), seed=seed)
+  return dataset.map(finish)
+
+
+def _mixture_dataset(config, components, finisher, *, local_batch: int, process_index: int,
+                     process_count: int, first_position: int, cache_dir: Optional[str],
+                     image_size: int, read_options: grain.ReadOptions) -> grain.IterDataset:
+  """The training stream of a mixture (clip_jax.data.mixture): each position's source drawn
+  over the global batch; random-access sources read by position, wds ones as streams."""
+  streamed = [i for i, c in enumerate(components) if c.kind not in mixture.RANDOM_ACCESS]
+  if first_position and streamed:
+    raise ValueError(f"config.data.source='mix' with wds sources "
+                     f"({', '.join(components[i].name for i in streamed)}) cannot start at a "
+                     "sample position; resume it on the number of processes that wrote the "
+                     "checkpoint")
+  loaders, streams = [], {}
+  for i, c in enumerate(components):
+    seed = mixture.source_seed(int(config.seed), i)
+    finish = finisher(seed, c.kind)
+    if c.kind == "wds":
+      loaders.append(None)
+      streams[i] = _wds_dataset(config, c.path, finish, seed=seed, process_index=process_index,
+                                process_count=process_count, train=True)
+    elif c.kind == "synthetic":
+      loaders.append(mixture.StreamLoader(
+          SyntheticSchedule(0, 1), SyntheticLoader(finish, seed=seed, image_size=image_size,
+                                                   held_out=False)))
+    else:
+      source = record_source(config, cache_dir, kind=c.kind, path=c.path, split=c.split,
+                             picker=captions.picker(config, c.kind))
+      order = RecordSchedule(len(source), seed=seed, process_index=0, process_count=1,
+                             shuffle=True)
+      loaders.append(mixture.StreamLoader(order, RecordLoader(finish, source, seed=seed)))
+  draw = mixture.MixDraw([c.weight for c in components], local_batch * process_count,
+                         int(config.seed))
+  positions = grain.MapDataset.source(mixture.MixSchedule(
+      draw, local_batch=local_batch, process_index=process_index,
+      first_position=first_position)).map(mixture.MixLoader(loaders))
+  return mixture.MixIterDataset(positions.to_iter_dataset(read_options), streams)
 
 
 def _jsonable(tree: Any) -> Any:
@@ -414,14 +521,19 @@ class DataIterator:
 
   With image_dtype "uint8" the images stay uint8 (the jitted train step normalises them);
   float32/bfloat16 are normalised here, on the devices (on the host without a sharding).
+  source_names: a mixture's sources, whose samples and skips it counts apiece.
   """
 
   def __init__(self, dataset: grain.IterDataset, sharding: Optional[jax.sharding.Sharding],
-               normalizer: transforms.Normalizer):
+               normalizer: transforms.Normalizer, source_names: Sequence[str] = ()):
     self._iterator = iter(dataset)
     self._sharding = sharding
     self._normalizer = normalizer
     self._skipped = 0
+    self._fallbacks = 0
+    self._source_names = tuple(source_names)
+    self._source_samples = np.zeros(len(self._source_names), np.int64)
+    self._source_skipped = np.zeros(len(self._source_names), np.int64)
     if sharding is not None and normalizer.dtype == "uint8":
       self._normalize = lambda x: x
     elif sharding is not None:
@@ -436,7 +548,7 @@ class DataIterator:
 
   def __next__(self) -> dict:
     batch = next(self._iterator)
-    self._skipped += int(np.sum(batch.pop("num_skipped")))
+    self._count(pop_counts(batch))
     if self._sharding is None:
       batch["images"] = self._normalizer(batch["images"])
       return batch
@@ -445,21 +557,55 @@ class DataIterator:
     batch["images"] = self._normalize(batch["images"])
     return batch
 
+  def _count(self, counts: dict) -> None:
+    self._skipped += int(np.sum(counts["num_skipped"]))
+    self._fallbacks += int(np.sum(counts["num_fallbacks"]))
+    if self._source_names:
+      num = len(self._source_names)
+      self._source_samples += np.bincount(counts["source"], minlength=num)
+      self._source_skipped += np.asarray(counts["source_skipped"], np.int64).sum(axis=0)
+
   @property
   def skipped_samples(self) -> int:
     """Bad samples this process has skipped since the start of the run (restored on resume)."""
     return self._skipped
 
+  def counters(self) -> dict[str, int]:
+    """This process's counts since the start of the run (restored on resume), by metric name:
+    data/skipped_samples, data/caption_fallbacks (captions taken from another key than the
+    drawn one) and, for a mixture, data/NAME/samples and data/NAME/skipped_samples."""
+    out = {"data/skipped_samples": self._skipped, "data/caption_fallbacks": self._fallbacks}
+    for name, samples, skipped in zip(self._source_names, self._source_samples,
+                                      self._source_skipped):
+      out[f"data/{name}/samples"] = int(samples)
+      out[f"data/{name}/skipped_samples"] = int(skipped)
+    return out
+
   def get_state(self) -> dict:
-    return {"version": _STATE_VERSION, "skipped_samples": self._skipped,
-            "grain": _jsonable(self._iterator.get_state())}
+    state = {"version": _STATE_VERSION, "skipped_samples": self._skipped,
+             "caption_fallbacks": self._fallbacks,
+             "grain": _jsonable(self._iterator.get_state())}
+    if self._source_names:
+      state["sources"] = {name: {"samples": int(samples), "skipped_samples": int(skipped)}
+                          for name, samples, skipped in zip(
+                              self._source_names, self._source_samples, self._source_skipped)}
+    return state
 
   def set_state(self, state: dict) -> None:
     if state.get("version") != _STATE_VERSION:
       raise ValueError(f"data iterator state version {state.get('version')!r} is not "
                        f"{_STATE_VERSION}; it was written by another clip_jax version")
+    sources = state.get("sources", {})
+    if self._source_names and set(sources) != set(self._source_names):
+      raise ValueError(f"the checkpoint's data state has the sources {sorted(sources)}, this "
+                       f"run's config.data.path has {sorted(self._source_names)}; resume with "
+                       "the same mixture")
     self._iterator.set_state(state["grain"])
     self._skipped = int(state["skipped_samples"])
+    self._fallbacks = int(state.get("caption_fallbacks", 0))  # absent before caption keys
+    for i, name in enumerate(self._source_names):
+      self._source_samples[i] = sources[name]["samples"]
+      self._source_skipped[i] = sources[name]["skipped_samples"]
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)
@@ -509,8 +655,9 @@ def make_train_iterator(config, sharding: Optional[jax.sharding.Sharding], *, im
   dataset = build_dataset(config, image_size=image_size, local_batch=local_batch, train=True,
                           process_index=process_index, process_count=process_count,
                           first_position=int(start_step) * local_batch, cache_dir=cache_dir)
+  names = ([c.name for c in mixture.parse(config)] if config.data.source == "mix" else ())
   return DataIterator(dataset, sharding,
-                      transforms.Normalizer(mean, std, config.data.image_dtype))
+                      transforms.Normalizer(mean, std, config.data.image_dtype), names)
 
 
 def make_eval_iterator(config, *, image_size: int, batch_size: int,
@@ -542,7 +689,7 @@ def make_eval_iterator(config, *, image_size: int, batch_size: int,
                           cache_dir=cache_dir)
   normalizer = transforms.Normalizer(mean, std, config.data.image_dtype)
   for batch in dataset:
-    batch.pop("num_skipped")
+    pop_counts(batch)
     batch["images"] = normalizer(batch["images"])
     size = len(batch["images"])
     batch["mask"] = np.arange(batch_size) < size

@@ -112,12 +112,19 @@ def _split_name(name: str) -> tuple[str, str]:
   return os.path.join(dirname, stem), ext.lower()
 
 
-def _sample_from_files(files: dict) -> dict:
+def _sample_from_files(files: dict, picker=None) -> dict:
   """Picks the image bytes and captions out of one key's files; `error` says what is missing.
 
   "caption" is the whole `key.txt` (else the json's "caption"); "captions" lists every
   caption: the non-empty lines of `key.txt`, then the json's "captions" list (or "caption").
+  With a captions.CaptionPicker (config.data.caption_keys), "caption_options" holds the
+  values of its keys, for the sample's own draw among them (clip_jax.data.pipeline).
   """
+  if picker is not None:
+    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    return {"image": image, "caption": "", "captions": [],
+            "caption_options": picker.options_from_files(files),
+            "error": None if image is not None else "no image file (jpg/png/webp)"}
   image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
   caption, captions = None, []
   if "txt" in files:
@@ -143,8 +150,11 @@ def _sample_from_files(files: dict) -> dict:
   return {"image": image, "caption": caption or "", "captions": captions, "error": error}
 
 
-def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
+def iter_tar_samples(shard: str, picker=None) -> Iterator[tuple[str, dict]]:
   """Streams (key, {image, caption, error}) from one tar; a truncated tail ends it cleanly.
+
+  picker: a captions.CaptionPicker whose keys' values each sample carries (see
+  _sample_from_files).
 
   The group being read when the archive breaks off is yielded with an error, so it is
   counted as skipped; nothing after the break can be recovered.
@@ -157,7 +167,7 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
           continue
         member_key, ext = _split_name(member.name)
         if member_key != key and key is not None:
-          yield key, _sample_from_files(files)
+          yield key, _sample_from_files(files, picker)
           files = {}
         key = member_key
         files[ext] = tar.extractfile(member).read()
@@ -171,21 +181,22 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict]]:
                                              f"{storage.describe(e)}"}
     return
   if key is not None:
-    yield key, _sample_from_files(files)
+    yield key, _sample_from_files(files, picker)
 
 
 class _TarShardIterator(grain.DatasetIterator):
   """Reads one shard; its state is the number of samples already produced."""
 
-  def __init__(self, shard: str, shard_id: int, epoch: int):
+  def __init__(self, shard: str, shard_id: int, epoch: int, picker=None):
     super().__init__()
     self._shard, self._shard_id, self._epoch = shard, shard_id, epoch
+    self._picker = picker
     self._position = 0
     self._samples = None
 
   def __next__(self) -> dict:
     if self._samples is None:
-      self._samples = iter_tar_samples(self._shard)
+      self._samples = iter_tar_samples(self._shard, self._picker)
       for _ in range(self._position):  # resume: skip what was already produced
         next(self._samples, None)
     key, sample = next(self._samples)
@@ -205,12 +216,13 @@ class _TarShardIterator(grain.DatasetIterator):
 class TarShardDataset(grain.IterDataset):
   """One shard of one epoch as a grain IterDataset of raw samples."""
 
-  def __init__(self, shard: str, shard_id: int, epoch: int):
+  def __init__(self, shard: str, shard_id: int, epoch: int, picker=None):
     super().__init__()
     self._shard, self._shard_id, self._epoch = shard, shard_id, epoch
+    self._picker = picker
 
   def __iter__(self) -> _TarShardIterator:
-    return _TarShardIterator(self._shard, self._shard_id, self._epoch)
+    return _TarShardIterator(self._shard, self._shard_id, self._epoch, self._picker)
 
   def __str__(self) -> str:
     return f"TarShardDataset({self._shard}, epoch={self._epoch})"
@@ -221,12 +233,14 @@ class ShardSchedule:
 
   Without resampling, process p reads shards p, p+P, ... of the sorted list, in a new order
   each epoch (seeded by (seed, epoch)). With resampling, entry i is a shard drawn from all
-  shards with replacement by (seed, process, i).
+  shards with replacement by (seed, process, i). picker: the captions.CaptionPicker of
+  config.data.caption_keys, if any.
   """
 
   def __init__(self, shards: list[str], *, seed: int, process_index: int, process_count: int,
-               resample: bool, num_epochs: Optional[int] = None):
+               resample: bool, num_epochs: Optional[int] = None, picker=None):
     self._all_shards = list(shards)
+    self._picker = picker
     self._seed, self._process_index = seed, process_index
     self._resample = resample
     if resample:
@@ -254,7 +268,7 @@ class ShardSchedule:
     else:
       epoch, i = divmod(position, len(self._local_ids))
       shard_id = self._local_ids[int(self._order(epoch)[i])]
-    return TarShardDataset(self._all_shards[shard_id], shard_id, epoch)
+    return TarShardDataset(self._all_shards[shard_id], shard_id, epoch, self._picker)
 
 
 def write_shard(path: str, samples, image_format: str = "jpg"):
