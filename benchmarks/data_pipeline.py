@@ -6,6 +6,8 @@ r"""Input pipeline throughput: images per second of clip_jax.data's training str
   python benchmarks/data_pipeline.py --make_files /tmp/files --jpeg_size 1024  # files + index.tsv
   python benchmarks/data_pipeline.py --source files --path /tmp/files --image_dtype uint8
   python benchmarks/data_pipeline.py --source csv --path /tmp/files/index.tsv --image_dtype uint8
+  python benchmarks/data_pipeline.py --source mix --image_dtype uint8 --compare_alone \\
+      --path 'wds:/tmp/shards/{00000..00003}.tar::csv:/tmp/files/index.tsv' --mix_weights 1::1
 
 Times `--batches` local batches after `--warmup` untimed ones (worker start-up, first shuffle
 window) through the full training transform: JPEG decode, RandomResizedCrop(bicubic),
@@ -15,6 +17,10 @@ train step to normalise). Prints one JSON line with images_per_s, the worker
 count, images_per_s_per_core (cores = the CPUs this process may use) and images_per_cpu_s
 (images per CPU-second the pipeline actually used: the per-core figure on a shared machine)
 and which PIL did the work ("pillow": Pillow or Pillow-SIMD, see launch/install_pillow_simd.sh).
+
+--source mix --compare_alone reads the mixture and each of its sources alone (interleaved,
+--repeats times) and reports mixing_cost: 1 - the mixture's images per CPU-second over what
+its sources read alone cost in the mixture's proportions.
 """
 import argparse
 import datetime
@@ -94,6 +100,86 @@ def make_files(directory: str, num_shards: int, per_shard: int, size: int = 256)
   return directory
 
 
+def _config(args, source: str, path: str):
+  config = get_config()
+  config.batch_size = args.batch_size
+  config.data.source, config.data.path = source, path
+  config.data.name, config.data.data_dir = args.name, args.data_dir
+  config.data.num_workers = args.num_workers
+  config.data.shuffle_buffer = args.shuffle_buffer
+  config.data.image_dtype = args.image_dtype
+  config.data.num_threads = args.num_threads
+  config.data.mix_weights = args.mix_weights
+  return config
+
+
+def measure(args, source: str, path: str) -> dict:
+  """Times args.batches batches of `source` at `path` (after args.warmup): the JSON result."""
+  config = _config(args, source, path)
+  # As in training: global arrays on this host's devices, normalised there.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  it = pipeline.make_train_iterator(config, sharding, image_size=args.image_size,
+                                    process_index=0, process_count=1)
+  for _ in range(args.warmup):
+    next(it)
+  cpu_start = _cpu_seconds()
+  start = time.perf_counter()
+  for _ in range(args.batches):
+    batch = next(it)
+  jax.block_until_ready(batch)
+  elapsed = time.perf_counter() - start
+  cpu = _cpu_seconds() - cpu_start
+  counters = it.counters()
+  it.close()
+  cores = len(os.sched_getaffinity(0))
+  images_per_s = args.batches * args.batch_size / elapsed
+  result = {
+      "images_per_s": round(images_per_s, 1),
+      "images_per_s_per_core": round(images_per_s / cores, 1),
+      # Load-independent: images per CPU-second used by this process and its workers.
+      "images_per_cpu_s": round(args.batches * args.batch_size / cpu, 1),
+      "cpu_utilisation": round(cpu / elapsed, 2),
+      "num_workers": args.num_workers, "cores": cores, "source": source,
+      "image_dtype": args.image_dtype, "num_threads": args.num_threads,
+      "image_size": args.image_size, "batch_size": args.batch_size, "batches": args.batches,
+      "image_shape": list(batch["images"].shape),
+      "skipped_samples": counters["data/skipped_samples"],
+      "pillow": transforms.pillow_build(),  # Pillow-SIMD resizes ~5x faster than Pillow
+  }
+  if source == "mix":
+    result["mix_samples"] = {k.split("/")[1]: v for k, v in counters.items()
+                             if k.endswith("/samples")}
+  return result
+
+
+def compare_mixture(args) -> dict:
+  """The mixture and each of its sources read alone, `--repeats` times interleaved; the cost
+  of mixing: 1 - (the mixture's images per CPU-second) / (what reading its sources alone in
+  the mixture's proportions costs: 1 / sum_i p_i / rate_i), from the medians."""
+  from clip_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  components = mixture.parse(_config(args, "mix", args.path))
+  runs = {"mix": []}
+  runs.update({c.name: [] for c in components})
+  for _ in range(args.repeats):
+    for c in components:
+      alone = argparse.Namespace(**dict(vars(args), name=c.path)) if c.kind == "tfds" else args
+      runs[c.name].append(measure(alone, c.kind, c.path)["images_per_cpu_s"])
+    mixed = measure(args, "mix", args.path)
+    runs["mix"].append(mixed["images_per_cpu_s"])
+  medians = {name: float(np.median(rates)) for name, rates in runs.items()}
+  probs = [c.weight for c in components]
+  expected = 1.0 / sum(p / medians[c.name] for p, c in zip(probs, components))
+  return {"images_per_cpu_s": runs, "median": medians,
+          "expected_mix_images_per_cpu_s": round(expected, 1),
+          "mixing_cost": round(1.0 - medians["mix"] / expected, 4),
+          "weights": dict(zip([c.name for c in components], probs)),
+          "mix_samples_last_run": mixed["mix_samples"],
+          "num_workers": args.num_workers, "image_size": args.image_size,
+          "batch_size": args.batch_size, "batches": args.batches, "repeats": args.repeats,
+          "cores": len(os.sched_getaffinity(0)), "pillow": mixed["pillow"]}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--make_shards", default="", help="write benchmark shards to DIR and exit")
@@ -115,6 +201,13 @@ def main():
   parser.add_argument("--shuffle_buffer", type=int, default=256)
   parser.add_argument("--num_threads", type=int, default=16,
                       help="read threads per process (record sources: csv, files, tfds)")
+  parser.add_argument("--mix_weights", default="",
+                      help="--source mix: relative weights W1::W2... (default equal)")
+  parser.add_argument("--compare_alone", action="store_true",
+                      help="--source mix: also read each source alone and report the cost of "
+                           "mixing (images per CPU-second against the sources' own)")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="--compare_alone: interleaved repetitions (medians are reported)")
   parser.add_argument("--append_results", action="store_true",
                       help="append a row to benchmarks/RESULTS.md")
   args = parser.parse_args()
@@ -125,43 +218,10 @@ def main():
     print(make_files(args.make_files, args.num_shards, args.per_shard, args.jpeg_size))
     return
 
-  config = get_config()
-  config.batch_size = args.batch_size
-  config.data.source, config.data.path = args.source, args.path
-  config.data.name, config.data.data_dir = args.name, args.data_dir
-  config.data.num_workers = args.num_workers
-  config.data.shuffle_buffer = args.shuffle_buffer
-  config.data.image_dtype = args.image_dtype
-  config.data.num_threads = args.num_threads
-  # As in training: global arrays on this host's devices, normalised there.
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  it = pipeline.make_train_iterator(config, sharding, image_size=args.image_size,
-                                    process_index=0, process_count=1)
-  for _ in range(args.warmup):
-    next(it)
-  cpu_start = _cpu_seconds()
-  start = time.perf_counter()
-  for _ in range(args.batches):
-    batch = next(it)
-  jax.block_until_ready(batch)
-  elapsed = time.perf_counter() - start
-  cpu = _cpu_seconds() - cpu_start
-  it.close()
-  cores = len(os.sched_getaffinity(0))
-  images_per_s = args.batches * args.batch_size / elapsed
-  result = {
-      "images_per_s": round(images_per_s, 1),
-      "images_per_s_per_core": round(images_per_s / cores, 1),
-      # Load-independent: images per CPU-second used by this process and its workers.
-      "images_per_cpu_s": round(args.batches * args.batch_size / cpu, 1),
-      "cpu_utilisation": round(cpu / elapsed, 2),
-      "num_workers": args.num_workers, "cores": cores, "source": args.source,
-      "image_dtype": args.image_dtype, "num_threads": args.num_threads,
-      "image_size": args.image_size, "batch_size": args.batch_size, "batches": args.batches,
-      "image_shape": list(batch["images"].shape), "skipped_samples": it.skipped_samples,
-      "pillow": transforms.pillow_build(),  # Pillow-SIMD resizes ~5x faster than Pillow
-  }
+  if args.source == "mix" and args.compare_alone:
+    result = compare_mixture(args)
+  else:
+    result = measure(args, args.source, args.path)
   print(json.dumps(result))
   if args.append_results:
     path = REPO / "benchmarks/RESULTS.md"
