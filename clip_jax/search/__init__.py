@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   build_parser.add_argument("--modality", choices=("image", "text"), default="image",
                             help="which embeddings to index (default image)")
   build_parser.add_argument("--nlist", type=int, default=None, help="ivf_pq: inverted lists")
-  build_parser.add_argument("--pq_m", type=int, default=None, help="ivf_pq: bytes per vector")
+  build_parser.add_argument("--pq_m", type=int, default=None, help="ivf_pq: codes per vector")
+  build_parser.add_argument("--pq_bits", type=int, default=8, help="ivf_pq: bits per code")
   serve_parser = commands.add_parser("serve", help="serve IDX: a JSON API and a web page")
   serve_parser.add_argument("--index", required=True, help="the folder `build` wrote")
   serve_parser.add_argument("--checkpoint", default=None,
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
   try:
     if args.command == "build":
       print(json.dumps(build(args.embeddings, args.output, kind=args.kind,
-                             modality=args.modality, nlist=args.nlist, pq_m=args.pq_m)))
+                             modality=args.modality, nlist=args.nlist, pq_m=args.pq_m,
+                             pq_bits=args.pq_bits)))
     else:
       from clip_jax.search import server  # pylint: disable=g-import-not-at-top
       server.serve(args.index, checkpoint=args.checkpoint, images_root=args.images_root,

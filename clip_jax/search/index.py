@@ -7,8 +7,8 @@
 
 kind "flat" is exact inner product (= cosine: the rows are L2-normalised): faiss's
 IndexFlatIP, or without faiss a numpy matrix product, with the same results. kind "ivf_pq"
-(faiss only) clusters the rows into `nlist` lists and compresses them to `pq_m` bytes, for
-sets too large for memory; queries visit `nprobe` lists.
+(faiss only) clusters the rows into `nlist` lists and compresses each to `pq_m` codes of
+`pq_bits` bits, for sets too large for memory; queries visit `nprobe` lists.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _faiss():
   return faiss
 
 
-def _ivf_pq(faiss, embeddings: np.ndarray, nlist: Optional[int], pq_m: Optional[int]):
+def _ivf_pq(faiss, embeddings: np.ndarray, nlist: Optional[int], pq_m: Optional[int],
+            pq_bits: int):
   rows, dim = embeddings.shape
   nlist = nlist or max(1, min(int(4 * np.sqrt(rows)), rows // 39))  # faiss wants 39 per list
   pq_m = pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim // 2)
@@ -43,14 +44,15 @@ def _ivf_pq(faiss, embeddings: np.ndarray, nlist: Optional[int], pq_m: Optional[
   if rows < nlist * 39 or rows < 256:
     raise ValueError(f"--kind ivf_pq needs >= max(256, 39 * nlist = {39 * nlist}) rows to "
                      f"train on; the embeddings have {rows}: use --kind flat")
-  index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}", faiss.METRIC_INNER_PRODUCT)
+  index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x{pq_bits}",
+                              faiss.METRIC_INNER_PRODUCT)
   sample = np.random.default_rng(0).permutation(rows)[:min(rows, 256 * nlist)]
   index.train(embeddings[np.sort(sample)])
   return index
 
 
 def build(embeddings_dir: str, output: str, *, kind: str = "flat", modality: str = "image",
-          nlist: Optional[int] = None, pq_m: Optional[int] = None) -> dict:
+          nlist: Optional[int] = None, pq_m: Optional[int] = None, pq_bits: int = 8) -> dict:
   """Builds IDX from an embedder's output; returns index.json's content."""
   if kind not in KINDS:
     raise ValueError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
@@ -73,11 +75,11 @@ def build(embeddings_dir: str, output: str, *, kind: str = "flat", modality: str
            "metadata.parquet": store.parquet_bytes(table)}
   if faiss is not None:
     index = faiss.IndexFlatIP(vectors.shape[1]) if kind == "flat" else _ivf_pq(
-        faiss, vectors, nlist, pq_m)
+        faiss, vectors, nlist, pq_m, pq_bits)
     index.add(vectors)
     files["index.faiss"] = faiss.serialize_index(index).tobytes()
     if kind == "ivf_pq":
-      info.update(nlist=int(index.nlist), pq_m=int(index.pq.M))
+      info.update(nlist=int(index.nlist), pq_m=int(index.pq.M), pq_bits=int(index.pq.nbits))
   store.write_files(output, files)
   storage.write_text(storage.join(output, INDEX_JSON), json.dumps(info, indent=1) + "\n")
   return info
