@@ -185,6 +185,31 @@ def test_float16_and_image_only_from_wds_with_json_metadata(checkpoint, tmp_path
   assert "clip_score" not in table.column_names
 
 
+def test_csv_and_imagefolder_sources_keep_their_columns(checkpoint, tmp_path):
+  images = tmp_path / "images"
+  for i, name in enumerate(("cat", "cat", "dog")):
+    (images / name).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(shape_image(i)[0]).save(images / name / f"{i}.png")
+  tsv = tmp_path / "train.tsv"  # relative paths resolve against the TSV's folder
+  tsv.write_text("filepath\ttitle\tsource_id\nimages/cat/0.png\ta cat\t17\n"
+                 "images/cat/1.png\ta second cat\t18\nimages/dog/2.png\ta dog\tx\n")
+  embed_lib.embed(checkpoint, f"csv:{tsv}", str(tmp_path / "csv"), batch_size=8,
+                  progress_bar=False)
+  rows = read_output(tmp_path / "csv")["metadata"]
+  assert [r["image_path"] for r in rows] == [str(images / p) for p in
+                                             ("cat/0.png", "cat/1.png", "dog/2.png")]
+  assert [r["source_id"] for r in rows] == ["17", "18", "x"]
+  assert [r["key"] for r in rows] == [f"{tsv}:{line}" for line in (2, 3, 4)]
+  embed_lib.embed(checkpoint, f"imagefolder:{images}", str(tmp_path / "folder"), batch_size=8,
+                  progress_bar=False)
+  got = read_output(tmp_path / "folder")
+  assert [(r["key"], r["class"], r["label"], r["caption"]) for r in got["metadata"]] == [
+      ("cat/0.png", "cat", 0, "a photo of a cat."), ("cat/1.png", "cat", 0, "a photo of a cat."),
+      ("dog/2.png", "dog", 1, "a photo of a dog.")]
+  csv_image = read_output(tmp_path / "csv")["image"]
+  np.testing.assert_array_equal(got["image"], csv_image)  # the same files, the same rows
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--dataset", "parquet:x"], "--dataset 'parquet:x': expected KIND:LOCATION"),
     (["--dataset", "files:{missing}"], "--dataset 'files:"),

@@ -93,7 +93,24 @@ class Dataset:
         pass
 
 
-class FilesDataset(Dataset):
+class SourceDataset(Dataset):
+  """A random-access source of clip_jax.data (`self.source`); `meta` adds its columns."""
+
+  source = None
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def meta(self, record: dict) -> dict:
+    raise NotImplementedError
+
+  def load(self, index: int) -> dict:
+    record = self.source.record(index)
+    return {"key": record["key"], "image": record["image"], "caption": record["caption"],
+            "meta": self.meta(record), "error": None}
+
+
+class FilesDataset(SourceDataset):
   kind = "files"
 
   def __init__(self, spec: str, location: str):
@@ -101,22 +118,16 @@ class FilesDataset(Dataset):
     self.source = files_source.FilesSource(location)
     self.images_root = storage.absolute(wds.list_shards(location)[0])
 
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def load(self, index: int) -> dict:
-    record = self.source.record(index)
+  def meta(self, record: dict) -> dict:
     stem = os.path.splitext(record["image"])[0]
     try:
       meta = _json_meta(wds.read_bytes(stem + ".json"))  # img2dataset's url, size, status
     except storage.errors():
       meta = {}
-    meta["image_path"] = record["image"]
-    return {"key": record["key"], "image": record["image"], "caption": record["caption"],
-            "meta": meta, "error": None}
+    return dict(meta, image_path=record["image"])
 
 
-class CsvDataset(Dataset):
+class CsvDataset(SourceDataset):
   kind = "csv"
 
   def __init__(self, spec: str, location: str, image_key: str, caption_key: str,
@@ -127,9 +138,6 @@ class CsvDataset(Dataset):
     self.separator = "\t" if separator in ("\\t", "tab") else separator
     self.files = wds.list_shards(location)
     self.images_root = os.path.dirname(storage.absolute(self.files[0]))
-
-  def __len__(self) -> int:
-    return len(self.source)
 
   @functools.cached_property
   def columns(self) -> dict[str, dict]:
@@ -147,14 +155,11 @@ class CsvDataset(Dataset):
                 if name not in (self.image_key, self.caption_key, *RESERVED)}
     return columns
 
-  def load(self, index: int) -> dict:
-    record = self.source.record(index)
-    meta = dict(self.columns.get(record["key"], {}), image_path=record["image"])
-    return {"key": record["key"], "image": record["image"], "caption": record["caption"],
-            "meta": meta, "error": None}
+  def meta(self, record: dict) -> dict:
+    return dict(self.columns.get(record["key"], {}), image_path=record["image"])
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(SourceDataset):
   kind = "imagefolder"
 
   def __init__(self, spec: str, location: str):
@@ -162,15 +167,9 @@ class ImageFolderDataset(Dataset):
     self.source = imagefolder.ImageFolderSource(location)
     self.images_root = storage.absolute(location)
 
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def load(self, index: int) -> dict:
-    record = self.source.record(index)
-    meta = {"image_path": os.path.join(self.images_root, record["key"]),
+  def meta(self, record: dict) -> dict:
+    return {"image_path": os.path.join(self.images_root, record["key"]),
             "label": record["label"], "class": self.source.classnames[record["label"]]}
-    return {"key": record["key"], "image": record["image"], "caption": record["caption"],
-            "meta": meta, "error": None}
 
 
 class WdsDataset(Dataset):
