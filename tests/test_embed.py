@@ -4,6 +4,7 @@ bad samples named, a SIGKILLed run resumed byte for byte, the filter against num
 trainer on the filter's TSV."""
 import csv
 import functools
+import io
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ from clip_jax import embed as embed_lib
 from clip_jax import params_io
 from clip_jax.data import wds
 from clip_jax.models import create_model, init_params
+from test_gcs import BUCKET, gcs  # noqa: F401  (the local GCS server fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
@@ -320,3 +322,28 @@ def test_the_trainer_trains_on_the_filtered_tsv(embedded, tmp_path):
   assert [r["step"] for r in records] == [1, 2]
   assert all(np.isfinite(r["loss"]) for r in records)
   assert records[-1]["data/skipped_samples"] == 0  # every kept path was read
+
+
+def test_gs_dataset_output_and_filter(gcs, checkpoint, tmp_path):  # noqa: F811
+  """Data, output and the filter's TSV on gs:// (a local GCS server): the embeddings of a
+  local run of the same images, byte for byte; a rerun there reuses every partition."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  root = make_files_dataset(tmp_path / "files", 6)
+  fsspec.filesystem("gs").put(root, f"{BUCKET}/embed_files", recursive=True)
+  remote = f"gs://{BUCKET}/embed_out"
+  args = dict(batch_size=8, partition_size=4, progress_bar=False)
+  manifest = embed_lib.embed(checkpoint, f"files:gs://{BUCKET}/embed_files", remote, **args)
+  assert manifest["rows"] == 6 and len(manifest["partitions"]) == 2
+  embed_lib.embed(checkpoint, f"files:{root}", str(tmp_path / "local"), **args)
+  fs = fsspec.filesystem("gs")
+  for name in ("img_emb/img_emb_00001.npy", "text_emb/text_emb_00000.npy"):
+    assert fs.cat(f"{BUCKET}/embed_out/{name}") == (tmp_path / "local" / name).read_bytes()
+  rows = pq.read_table(io.BytesIO(fs.cat(f"{BUCKET}/embed_out/metadata/metadata_00000.parquet")))
+  assert rows.column("image_path").to_pylist()[0] == (
+      f"gs://{BUCKET}/embed_files/00000/000000.jpg")
+  again = embed_lib.embed(checkpoint, f"files:gs://{BUCKET}/embed_files", remote, **args)
+  assert again["reused"] == [0, 1] and again["embedded"] == [] and again["forward_passes"] == 0
+  result = embed_lib.filter_embeddings(remote, f"gs://{BUCKET}/kept.tsv", top_fraction=0.5)
+  kept = fs.cat(f"{BUCKET}/kept.tsv").decode().splitlines()
+  assert result["kept"] == 3 and len(kept) == 4 and kept[0].startswith("filepath\ttitle")
+  assert fs.cat(f"{BUCKET}/kept_scores.png")[:4] == b"\x89PNG"
