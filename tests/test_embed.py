@@ -161,9 +161,9 @@ def test_embeddings_align_with_metadata_and_match_clip_jax_load(embedded, checkp
                              atol=2e-5)
 
 
-def test_float16_and_image_only_from_wds_with_json_metadata(checkpoint, tmp_path):
+def test_float16_and_image_only_from_wds_with_json_metadata(checkpoint, tmp_path, capsys):
   """A wds shard without captions: text asked is one error line; images only works, with
-  the json's url, and stores float16 rows of norm 1."""
+  the json's url, and stores float16 rows of norm 1; the progress bar counts samples/s."""
   samples = [(f"{i:04d}", shape_image(i)[0], None, {"url": f"https://example.com/{i}.jpg"})
              for i in range(6)]
   wds.write_shard(str(tmp_path / "shard-0.tar"), samples)
@@ -173,9 +173,11 @@ def test_float16_and_image_only_from_wds_with_json_metadata(checkpoint, tmp_path
     embed_lib.embed(checkpoint, dataset, str(tmp_path / "text"), batch_size=8,
                     progress_bar=False)
   assert not (tmp_path / "text" / "manifest.json").exists()
+  capsys.readouterr()
   manifest = embed_lib.embed(checkpoint, dataset, str(tmp_path / "out"), modalities="image",
-                             batch_size=8, partition_size=4, progress_bar=False)
+                             batch_size=8, partition_size=4)
   assert manifest["rows"] == 6 and manifest["skipped_samples"] == 0
+  assert re.search(r"embed: 6 samples \[[^]]*, +[0-9.]+ samples/s\]", capsys.readouterr().err)
   assert not (tmp_path / "out" / "text_emb").exists()
   image = np.load(tmp_path / "out/img_emb/img_emb_00001.npy")
   assert image.dtype == np.float16 and image.shape == (2, 64)

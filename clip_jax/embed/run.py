@@ -157,6 +157,7 @@ class Embedder:
     self.local_batch = self.global_batch // self.processes
     self.reader = _Reader(modalities, clip.image_size, clip.context_length, workers)
     self.forward_passes = 0
+    self.on_batch = lambda samples: None  # e.g. the progress bar's update
 
   def _batches(self, loaders, records: list):
     """This process's device batches of one partition; fills `records`."""
@@ -172,6 +173,7 @@ class Embedder:
         self._check_captions(mine)
       self.forward_passes += 1
       yield batch
+      self.on_batch(len(group))
       if len(group) < self.global_batch:
         return
 
@@ -233,8 +235,11 @@ def _progress_bar(enabled: bool, total: Optional[int], initial: int):
   if not enabled:
     return None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, unit="sample", unit_scale=True, dynamic_ncols=True,
-              file=sys.stderr, desc="embed")
+  # The rate as samples/s always (tqdm would turn a slow one into s/sample).
+  shape = ("{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+           if total is not None else "{desc}: {n_fmt} samples [{elapsed}, {rate_noinv_fmt}]")
+  return tqdm(total=total, initial=initial, unit=" samples", dynamic_ncols=True,
+              file=sys.stderr, desc="embed", bar_format=shape)
 
 
 def embed(checkpoint, dataset: str, output_dir: str, *, modalities: Sequence[str] = MODALITIES,
@@ -267,6 +272,8 @@ def embed(checkpoint, dataset: str, output_dir: str, *, modalities: Sequence[str
     total = None  # a stream (wds)
   bar = _progress_bar(progress_bar and primary, total,
                       sum(e["stop"] - e["start"] for e in committed.values()))
+  if bar is not None:
+    embedder.on_batch = bar.update
   embedded, start = [], 0
   for k, loaders in data.partitions(partition_size):
     if k in committed:
@@ -282,8 +289,6 @@ def embed(checkpoint, dataset: str, output_dir: str, *, modalities: Sequence[str
     embedded.append(k)
     start += len(records)
     seconds = time.monotonic() - began
-    if bar is not None:
-      bar.update(len(records))
     log.info("partition %05d: %d samples (%d skipped), %d forward passes, %.1f samples/s", k,
              len(records), sum(r["error"] is not None for r in records),
              embedder.forward_passes - passes, len(records) / max(seconds, 1e-9))
