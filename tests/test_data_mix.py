@@ -272,13 +272,18 @@ def test_a_missing_caption_key_falls_back_and_is_counted(sources, tmp_path):
     ({"path": "csv:CSV", "caption_keys": "title::recap", "caption_probs": "1"},
      "config.data.caption_probs='1' has 1 weights for 2 caption keys"),
     ({"path": "synthetic", "samples_per_epoch": 0}, "config.data.samples_per_epoch=0 must be"),
+    ({"source": "synthetic", "caption_keys": "txt::recap.txt"},
+     "config.data.caption_keys='txt::recap.txt' is for wds, files and csv sources"),
+    ({"path": "csv:CSV", "caption_keys": "json:caption"},
+     "csv sources take column names, not json: fields"),
+    ({"path": "synthetic", "caption_keys": ""}, "config.data.caption_keys is empty"),
 ])
 def test_errors_are_one_line(sources, data, expected):
   data = {k: v.replace("CSV", sources["csv"]) if isinstance(v, str) else v
           for k, v in data.items()}
   expected = expected.replace("CSV", sources["csv"])
   with pytest.raises(ValueError) as error:
-    pipeline.validate_data_config(_config(**data))
+    pipeline.validate_data_config(_config(data.pop("path", ""), **data))
   message = str(error.value)
   assert "\n" not in message and expected in message, message
 

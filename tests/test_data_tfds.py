@@ -128,3 +128,23 @@ def test_all_captions_of_a_caption_sequence(tmp_path):
   for image_id, row in zip(np.rint(values / 40).astype(int), batch["captions"][:3]):
     assert row == tuple(f"image {image_id} caption {j}" for j in range(image_id + 1))
   assert batch["captions"][3] == ()
+
+
+def test_a_tfds_source_in_a_mixture(data_dir):
+  from data_testing import check_resume_onto_another_process_count  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, source="mix", path="tfds:clip_jax_tiny_labels:train::synthetic",
+                   mix_weights="3::1", image_dtype="uint8")
+  config.batch_size = 8
+  pipeline.validate_data_config(config)
+  it = pipeline.make_train_iterator(config, None, image_size=8, process_index=0, process_count=1)
+  images = np.concatenate([next(it)["images"] for _ in range(6)]).reshape(48, -1).astype(int)
+  counters = it.counters()
+  it.close()
+  flat = images.min(axis=1) == images.max(axis=1)  # the tfds images; synthetic ones are shapes
+  assert counters["data/tfds/samples"] == int(flat.sum()) > 24
+  assert counters["data/synthetic/samples"] == 48 - int(flat.sum()) > 0
+  check_resume_onto_another_process_count(config, 1, 2)
+  bad = _config(data_dir, source="mix", path="tfds:no_such_dataset::synthetic")
+  with pytest.raises(ValueError, match=r"^config.data.path entry 'tfds:no_such_dataset:train' "
+                                       r"\(source 'tfds'\): "):
+    pipeline.validate_data_config(bad)

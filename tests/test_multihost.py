@@ -219,21 +219,41 @@ needs_trainer = pytest.mark.skipif(
     reason="clip_jax/train.py does not call clip_jax.distributed.initialize() yet")
 
 
+def _mixture_flags(directory) -> list[str]:
+  """A mixture of the synthetic shapes and a csv of 12 random 32px images (both random
+  access: the same global batches on any number of processes)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  (directory / "images").mkdir()
+  rows = ["filepath\ttitle"]
+  for i in range(12):
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        directory / "images" / f"{i}.png")
+    rows.append(f"images/{i}.png\ta noisy tile number {i}")
+  (directory / "train.tsv").write_text("\n".join(rows) + "\n")
+  return ["--config.data.source=mix", f"--config.data.path=synthetic::csv:{directory}/train.tsv",
+          "--config.data.mix_weights=1::1"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The tiny config, 4 steps: 2 processes x 4 devices and 1 process x 8 devices, together."""
+  """The tiny config, 4 steps on a mixture: 2 processes x 4 devices and 1 process x 8
+  devices, together."""
   root = tmp_path_factory.mktemp("runs")
   multi, single = root / "2x4", root / "1x8"
+  data = root / "data"
+  data.mkdir()
+  flags = _mixture_flags(data)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  reference = subprocess.Popen(_train_cmd(single), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+  reference = subprocess.Popen(_train_cmd(single, *flags), cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   result, _ = _launch(["--processes", "2", "--devices-per-process", "4", "--",
-                       *_train_cmd(multi)], timeout=600)
+                       *_train_cmd(multi, *flags)], timeout=600)
   reference_out = reference.communicate(timeout=600)[0]
   assert reference.returncode == 0, reference_out[-3000:]
   assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-  return {"multi": multi, "single": single, "stdout": result.stdout}
+  return {"multi": multi, "single": single, "stdout": result.stdout, "flags": flags}
 
 
 @needs_trainer
@@ -245,6 +265,11 @@ def test_two_process_losses_match_one_process(runs):
                              rtol=0, atol=1e-5)
   # The runs moved: a loss that never changed would make the comparison empty.
   assert np.ptp([m["loss"] for m in multi]) > 1e-3
+  # The mixture drew the same sources for the same positions: each source's count, summed
+  # over the two processes, is the one process's.
+  counts = [(m["data/synthetic/samples"], m["data/csv/samples"]) for m in multi]
+  assert counts == [(m["data/synthetic/samples"], m["data/csv/samples"]) for m in single]
+  assert [a + b for a, b in counts] == [16, 32, 48, 64] and 0 < counts[-1][1] < 64
 
 
 @needs_trainer
@@ -308,7 +333,7 @@ def test_two_process_checkpoint_resumes_in_a_one_device_run(runs, tmp_path):
   shutil.copytree(runs["multi"], workdir)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cmd = _train_cmd(workdir)
+  cmd = _train_cmd(workdir, *runs["flags"])
   cmd[cmd.index("--config.total_steps=4")] = "--config.total_steps=6"
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -317,11 +342,11 @@ def test_two_process_checkpoint_resumes_in_a_one_device_run(runs, tmp_path):
   resumed = _metrics(workdir)
   assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
   # The input continued where the 2-process run stopped: steps 5 and 6 see the batches
-  # (rows in another order) of the 1-process run resumed the same way, whose own iterator
-  # state applies, so the losses agree.
+  # of the 1-process run resumed the same way, whose own iterator state applies, so the
+  # losses agree (the mixture's draw is the same on any number of processes).
   reference = tmp_path / "reference"
   shutil.copytree(runs["single"], reference)
-  ref_cmd = _train_cmd(reference)
+  ref_cmd = _train_cmd(reference, *runs["flags"])
   ref_cmd[ref_cmd.index("--config.total_steps=4")] = "--config.total_steps=6"
   result = subprocess.run(ref_cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)

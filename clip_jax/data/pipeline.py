@@ -70,6 +70,11 @@ def validate_data_config(config, cache_dir: Optional[str] = None) -> None:
   if samples_per_epoch is not None and int(samples_per_epoch) <= 0:
     raise ValueError(f"config.data.samples_per_epoch={samples_per_epoch} must be positive")
   picker = captions.picker(config, data.source)  # checks caption_keys / caption_probs
+  keys = str(_data_option(config, "caption_keys", captions.DEFAULT_KEYS))
+  if data.source in ("synthetic", "tfds", "imagefolder") and keys != captions.DEFAULT_KEYS:
+    raise ValueError(f"config.data.caption_keys={keys!r} is for wds, files and csv sources "
+                     f"(and mixtures of them); config.data.source={data.source!r} has its own "
+                     "captions")
   if data.source == "mix":
     mixture.validate(config, cache_dir, _csv_options(config))
   elif data.source == "wds":
@@ -497,6 +502,8 @@ def _mixture_dataset(config, components, finisher, *, local_batch: int, process_
       order = RecordSchedule(len(source), seed=seed, process_index=0, process_count=1,
                              shuffle=True)
       loaders.append(mixture.StreamLoader(order, RecordLoader(finish, source, seed=seed)))
+  logging.info("Mixture of %d sources: %s", len(components), ", ".join(
+      f"{c.name} {c.weight:.3f} ({c.entry})" for c in components))
   draw = mixture.MixDraw([c.weight for c in components], local_batch * process_count,
                          int(config.seed))
   positions = grain.MapDataset.source(mixture.MixSchedule(
