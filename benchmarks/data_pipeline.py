@@ -153,6 +153,19 @@ def measure(args, source: str, path: str) -> dict:
   return result
 
 
+def _draw_us_per_sample(components, global_batch: int, steps: int = 8) -> float:
+  """CPU microseconds per position of MixSchedule (one process reading the whole batch)."""
+  from clip_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  draw = mixture.MixDraw([c.weight for c in components], global_batch, seed=0)
+  schedule = mixture.MixSchedule(draw, local_batch=global_batch, process_index=0,
+                                 first_position=1000 * global_batch)  # a resumed run's steps
+  schedule[0]  # the prefix of the first 1000 steps, once per run
+  start = time.process_time()
+  for i in range(steps * global_batch):
+    schedule[i]
+  return (time.process_time() - start) / (steps * global_batch) * 1e6
+
+
 def compare_mixture(args) -> dict:
   """The mixture and each of its sources read alone, `--repeats` times interleaved; the cost
   of mixing: 1 - (the mixture's images per CPU-second) / (what reading its sources alone in
@@ -168,6 +181,8 @@ def compare_mixture(args) -> dict:
     mixed = measure(args, "mix", args.path)
     runs["mix"].append(mixed["images_per_cpu_s"])
   medians = {name: float(np.median(rates)) for name, rates in runs.items()}
+  draw_us = {batch: round(_draw_us_per_sample(components, batch), 3)
+             for batch in (args.batch_size, 32768)}
   probs = [c.weight for c in components]
   expected = 1.0 / sum(p / medians[c.name] for p, c in zip(probs, components))
   return {"images_per_cpu_s": runs, "median": medians,
@@ -175,6 +190,9 @@ def compare_mixture(args) -> dict:
           "mixing_cost": round(1.0 - medians["mix"] / expected, 4),
           "weights": dict(zip([c.name for c in components], probs)),
           "mix_samples_last_run": mixed["mix_samples"],
+          # The draw alone (which source and which of its samples, per position), in CPU
+          # microseconds per sample, at this global batch and at the paper's 32,768.
+          "draw_us_per_sample": draw_us,
           "num_workers": args.num_workers, "image_size": args.image_size,
           "batch_size": args.batch_size, "batches": args.batches, "repeats": args.repeats,
           "cores": len(os.sched_getaffinity(0)), "pillow": mixed["pillow"]}
