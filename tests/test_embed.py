@@ -295,6 +295,22 @@ def test_filter_keeps_what_numpy_keeps(embedded, tmp_path, capsys):
   assert [k["title"] for k in kept] == [r["caption"] for r in expected]
   png = pathlib.Path(result["histogram"])
   assert png == tmp_path / "kept_scores.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The trainer's input reads the TSV as csv data, with its defaults: one epoch is exactly
+  # the kept images and captions, none skipped (the slow test below trains on it).
+  from clip_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from clip_jax.tokenizer import tokenize  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(REPO))
+  from configs import common  # pylint: disable=import-outside-toplevel
+  config = common.get_config()
+  config.batch_size, config.data.source, config.data.path = 10, "csv", str(tsv)
+  config.data.image_dtype, config.data.num_threads = "uint8", 2
+  pipeline.validate_data_config(config)
+  it = pipeline.make_train_iterator(config, None, image_size=8, process_index=0, process_count=1)
+  batch = next(it)
+  assert it.skipped_samples == 0
+  it.close()
+  got = sorted(map(tuple, batch["tokens"].tolist()))
+  assert got == sorted(map(tuple, tokenize([r["caption"] for r in expected]).tolist()))
 
   top = embed_lib.filter_embeddings(str(out), str(tmp_path / "top.tsv"), top_fraction=0.3)
   order = np.argsort(-scores, kind="stable")[:round(0.3 * 19)]
