@@ -223,6 +223,8 @@ def test_sigterm_with_transient_faults_resumes_exactly(gcs, reference):
   _assert_same_losses(_losses(workdir), want, steps[-1] + 1)
 
 
+@pytest.mark.slow  # ~60 s; SIGTERM with faults above is in the default suite, as is the local
+# SIGKILL resume (tests/test_train_cli.py)
 def test_sigkill_resumes_exactly(gcs, reference):
   _, want, _ = reference
   workdir = f"gs://{BUCKET}/sigkill"
@@ -242,6 +244,7 @@ def test_sigkill_resumes_exactly(gcs, reference):
   _assert_same_losses(_losses(workdir), want, steps[-1] + 1)
 
 
+@pytest.mark.slow  # ~65 s; the transient faults, stalled reads and the shard outage stay default
 def test_a_persistent_checkpoint_outage_keeps_the_last_checkpoint(gcs, reference):
   """Every write of steps 16 and 24 fails (503) for good: the run reports it, ends within
   the bound with one error line, and step 8 stays committed and resumes exactly."""
