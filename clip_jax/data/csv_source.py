@@ -116,8 +116,8 @@ class CsvSource:
         reader = csv.reader(lines, delimiter=separator)
         header = next(reader)
         image_column = header.index(image_key)
-        caption_column = header.index(_caption_columns(caption_key, picker)[0])
         option_columns = [header.index(c) for c in _caption_columns(caption_key, picker)]
+        caption_column = option_columns[0]
         for row in reader:
           if not row:  # blank line
             continue

@@ -120,12 +120,11 @@ def _sample_from_files(files: dict, picker=None) -> dict:
   With a captions.CaptionPicker (config.data.caption_keys), "caption_options" holds the
   values of its keys, for the sample's own draw among them (clip_jax.data.pipeline).
   """
+  image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
   if picker is not None:
-    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
     return {"image": image, "caption": "", "captions": [],
             "caption_options": picker.options_from_files(files),
             "error": None if image is not None else "no image file (jpg/png/webp)"}
-  image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
   caption, captions = None, []
   if "txt" in files:
     caption = files["txt"].decode("utf-8", errors="replace").strip()
